@@ -1,0 +1,59 @@
+"""hutch: micro-VM sandboxes for Python.
+
+``async with hutch.Box() as box: print((await box.exec("uname", "-a")).stdout)``;
+the blocking twin is :mod:`hutch.sync`.
+"""
+
+from hutch.box import Box
+from hutch.errors import (
+    BadRequestError,
+    ConfigError,
+    ConflictError,
+    ConnectionError,
+    EngineError,
+    ExecutionError,
+    HutchError,
+    ImageError,
+    InternalError,
+    InvalidStateError,
+    NetworkError,
+    NotFoundError,
+    OutputLimitError,
+    ParseError,
+    PortalError,
+    SetupError,
+    StorageError,
+    TimeoutError,
+    UnauthorizedError,
+    UnsupportedEngineError,
+)
+from hutch.execution import ExecResult, Execution
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadRequestError",
+    "Box",
+    "ConfigError",
+    "ConflictError",
+    "ConnectionError",
+    "EngineError",
+    "ExecResult",
+    "Execution",
+    "ExecutionError",
+    "HutchError",
+    "ImageError",
+    "InternalError",
+    "InvalidStateError",
+    "NetworkError",
+    "NotFoundError",
+    "OutputLimitError",
+    "ParseError",
+    "PortalError",
+    "SetupError",
+    "StorageError",
+    "TimeoutError",
+    "UnauthorizedError",
+    "UnsupportedEngineError",
+    "__version__",
+]

@@ -1,0 +1,437 @@
+"""A box: one micro-VM booted from an image, and the commands run in it.
+
+Boot path: :meth:`Box.start` reads the set-up manifest (kernel, initramfs, base image), resolves the
+accelerator (:mod:`hutch.vm.accel`), makes a qcow2 overlay on the image's read-only base ext4, starts
+QEMU (:mod:`hutch.vm.process`), connects to the portal socket and waits for the agent's ``HELLO``
+(:mod:`hutch.portal`) — all under one deadline. If the guest never becomes ready, the error carries
+the tail of the console log and QEMU is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from hutch.errors import (
+    BadRequestError,
+    ConfigError,
+    EngineError,
+    HutchError,
+    InvalidStateError,
+    NotFoundError,
+    PortalError,
+    TimeoutError,
+)
+from hutch.execution import DEFAULT_MAX_OUTPUT, ExecResult, Execution
+from hutch.guest.kernel import kernel_cmdline
+from hutch.paths import HutchPaths
+from hutch.portal import Hello, PortalChannel, SpawnRequest
+from hutch.setup import load_manifest
+from hutch.vm.accel import resolve_accel
+from hutch.vm.cmdline import VmSpec
+from hutch.vm.process import QemuProcess
+
+log = logging.getLogger("hutch")
+
+DEFAULT_BOOT_TIMEOUT = 30.0
+SPAWN_TIMEOUT = 30.0
+SHUTDOWN_GRACE = 5.0
+
+
+def new_box_id() -> str:
+    """Unique, sortable by creation time: 11 hex digits of milliseconds + 6 random hex digits."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(3)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_run_dirs(paths: HutchPaths) -> None:
+    """Remove run folders (sockets, RAM files) whose owning process is gone.
+
+    Their QEMU died with the owner (``--pdeathsig``), but a RAM file on tmpfs would otherwise hold
+    the guest's memory forever.
+    """
+    if not paths.run.is_dir():
+        return
+    for d in paths.run.iterdir():
+        try:
+            owner = int((d / "owner").read_text().strip())
+        except (OSError, ValueError):
+            owner = 0
+        if owner and _pid_alive(owner):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _argv(cmd: Sequence[str | Sequence[str]]) -> list[str]:
+    if len(cmd) == 1 and not isinstance(cmd[0], str):
+        cmd = tuple(cmd[0])
+    argv = [str(c) for c in cmd]
+    if not argv:
+        raise BadRequestError(
+            "no command given", hint='Pass the program and its arguments, e.g. exec("ls", "-l").'
+        )
+    for a in argv:
+        if "\0" in a:
+            raise BadRequestError(f"command argument {a!r} contains a NUL byte")
+    return argv
+
+
+def _env_pairs(env: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for k, v in (env or {}).items():
+        if not k or "=" in k or "\0" in k or "\0" in str(v):
+            raise BadRequestError(
+                f"invalid environment variable name or value: {k!r}",
+                hint="Names must be non-empty and contain no '=' or NUL; values no NUL.",
+            )
+        pairs.append((k, str(v)))
+    return pairs
+
+
+class Box:
+    """A micro-VM sandbox. ``async with Box() as box:`` boots it and removes it afterwards."""
+
+    def __init__(
+        self,
+        image: str = "busybox",
+        *,
+        cpus: int = 1,
+        memory_mib: int = 256,
+        accel: str = "auto",
+        name: str | None = None,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        home: Path | str | None = None,
+        kernel_args: Sequence[str] = (),
+    ) -> None:
+        host_cpus = os.cpu_count() or 1
+        if not 1 <= cpus <= host_cpus:
+            raise ConfigError(
+                f"cpus must be between 1 and {host_cpus} (this host's CPUs), not {cpus}"
+            )
+        if not 128 <= memory_mib <= 65536:
+            raise ConfigError(f"memory_mib must be between 128 and 65536, not {memory_mib}")
+        if boot_timeout <= 0:
+            raise ConfigError(f"boot_timeout must be positive, not {boot_timeout}")
+        self.id = new_box_id()
+        self.name = name or f"hutch-{self.id[-6:]}"
+        self.image = image
+        self.cpus = cpus
+        self.memory_mib = memory_mib
+        self.accel_requested = accel
+        self.accel: str | None = None
+        self.boot_timeout = boot_timeout
+        self.paths = HutchPaths(Path(home).absolute()) if home else HutchPaths.default()
+        self.kernel_args = list(kernel_args)
+        self.state = "created"
+        self.hello: Hello | None = None
+        self.boot_ms: float | None = None
+        self._qemu: QemuProcess | None = None
+        self._channel: PortalChannel | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # --- paths ----------------------------------------------------------------------------
+    @property
+    def box_dir(self) -> Path:
+        return self.paths.boxes / self.id
+
+    @property
+    def run_dir(self) -> Path:
+        return self.paths.run / self.id
+
+    @property
+    def console_log(self) -> Path:
+        return self.box_dir / "console.log"
+
+    @property
+    def qemu_pid(self) -> int | None:
+        return self._qemu.pid if self._qemu and self._qemu.running else None
+
+    def __repr__(self) -> str:
+        return f"<Box {self.id} {self.image} {self.state}>"
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Boot the VM and wait until its agent answers (bounded by ``boot_timeout``)."""
+        if self.state == "running":
+            return
+        if self.state not in ("created", "stopped"):
+            raise InvalidStateError(f"cannot start box {self.id} in state {self.state}")
+        self.state = "starting"
+        t0 = time.monotonic()
+        deadline = t0 + self.boot_timeout
+        try:
+            await self._boot(t0, deadline)
+        except BaseException:
+            self.state = "failed"
+            await self._teardown()
+            raise
+        self.state = "running"
+
+    async def _boot(self, t0: float, deadline: float) -> None:
+        manifest = load_manifest(self.paths)
+        base = manifest.image_path(self.image)
+        if base is None:
+            raise NotFoundError(
+                f"image {self.image!r} is not in the local store",
+                hint=f"Built-in images: {', '.join(sorted(manifest.images))}.",
+            )
+        verdict = await resolve_accel(
+            self.accel_requested, self.paths, manifest.kernel_path, manifest.initramfs_path
+        )
+        self.accel = verdict.accel
+        # The probe itself logs a warning when it falls back to TCG; later boxes just note it.
+        log.info("box %s: accelerator %s (%s)", self.id, verdict.accel, verdict.reason)
+        sweep_stale_run_dirs(self.paths)
+        self.box_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.run_dir / "owner").write_text(str(os.getpid()))
+        disk = self.box_dir / "disk.qcow2"
+        if not disk.exists():
+            await _create_overlay(base, disk)
+        self.console_log.write_bytes(b"")
+        spec = VmSpec(
+            kernel=manifest.kernel_path,
+            initramfs=manifest.initramfs_path,
+            root_disk=disk,
+            cmdline=kernel_cmdline([f"hutch.hostname={self.name}", *self.kernel_args]),
+            portal_socket=self.run_dir / "portal.sock",
+            qmp_socket=self.run_dir / "qmp.sock",
+            console_log=self.console_log,
+            ram_file=self.run_dir / "ram",
+            accel=verdict.accel,
+            cpus=self.cpus,
+            memory_mib=self.memory_mib,
+        )
+        qemu = self._qemu = await QemuProcess.start(spec, self.box_dir / "qemu.log")
+        channel = self._channel = await self._connect(qemu, spec.portal_socket, deadline)
+        self.hello = await self._wait_hello(qemu, channel, deadline)
+        self.boot_ms = (time.monotonic() - t0) * 1000.0
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(qemu, channel))
+
+    def _not_ready(self, qemu: QemuProcess, what: str) -> HutchError:
+        if not qemu.running:
+            return EngineError(
+                f"box {self.id}: QEMU exited with status {qemu.returncode} {what}\n"
+                f"{qemu.diagnostics()}"
+            )
+        return TimeoutError(
+            f"box {self.id}: the guest did not become ready within {self.boot_timeout:g} s "
+            f"({what})\n{qemu.diagnostics()}",
+            hint="Raise boot_timeout on a loaded host, or check the console tail above; "
+            "`hutch doctor` checks the kernel and accelerator.",
+        )
+
+    async def _connect(self, qemu: QemuProcess, sock: Path, deadline: float) -> PortalChannel:
+        while True:
+            if not qemu.running or time.monotonic() > deadline:
+                raise self._not_ready(qemu, "before its portal socket accepted a connection")
+            try:
+                return await PortalChannel.connect_unix(str(sock))
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.005)
+
+    async def _wait_hello(
+        self, qemu: QemuProcess, channel: PortalChannel, deadline: float
+    ) -> Hello:
+        exited = asyncio.ensure_future(qemu.wait())
+        waiters: set[asyncio.Future[Any]] = {channel.hello, exited}
+        try:
+            done, _ = await asyncio.wait(
+                waiters,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            exited.cancel()
+        if channel.hello in done:
+            try:
+                return channel.hello.result()
+            except PortalError as e:
+                if "protocol" in e.message:
+                    raise
+        raise self._not_ready(qemu, "before the agent said hello")
+
+    async def _watch(self, qemu: QemuProcess, channel: PortalChannel) -> None:
+        rc = await qemu.wait()
+        if self.state == "running":
+            self.state = "failed"
+            log.warning("box %s: QEMU exited unexpectedly with status %s", self.id, rc)
+            await channel.close(
+                f"box {self.id}: the VM exited unexpectedly (status {rc})\n{qemu.diagnostics()}"
+            )
+
+    async def stop(self) -> None:
+        """Shut the guest down (processes get SIGTERM, then SIGKILL); the disk is kept."""
+        if self.state in ("created", "stopped"):
+            return
+        self.state = "stopping"
+        try:
+            if self._channel is not None and self._qemu is not None and self._qemu.running:
+                with contextlib.suppress(PortalError):
+                    await self._channel.shutdown()
+                if await self._qemu.wait(SHUTDOWN_GRACE) is None:
+                    log.warning("box %s: guest did not power off in time; stopping QEMU", self.id)
+        finally:
+            await self._teardown()
+            self.state = "stopped"
+
+    async def _teardown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if self._qemu is not None:
+            await self._qemu.stop()
+            self._qemu = None
+        if self._channel is not None:
+            await self._channel.close(f"box {self.id} is stopped")
+            self._channel = None
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    async def remove(self) -> None:
+        """Stop the box if needed and delete its disk and logs."""
+        await self.stop()
+        shutil.rmtree(self.box_dir, ignore_errors=True)
+        self.state = "removed"
+
+    async def __aenter__(self) -> Box:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.remove()
+
+    # --- commands -------------------------------------------------------------------------
+    def _require_channel(self) -> PortalChannel:
+        if self.state != "running" or self._channel is None:
+            raise InvalidStateError(
+                f"box {self.id} is {self.state}, not running",
+                hint="Call `await box.start()` first (or use `async with Box(...)`).",
+            )
+        return self._channel
+
+    async def spawn(
+        self,
+        *cmd: str | Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        timeout: float | None = None,
+        stdin: bool = True,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> Execution:
+        """Start a process; stream its output with ``async for chunk in execution.stdout``.
+
+        ``timeout`` (seconds) is enforced in the guest: the process group is killed when it
+        expires and :meth:`Execution.wait` raises :class:`~hutch.errors.TimeoutError`.
+        With ``stdin=False`` the process reads ``/dev/null``.
+        """
+        channel = self._require_channel()
+        argv = _argv(cmd)
+        if timeout is not None and not 0 < timeout <= 86400 * 7:
+            raise BadRequestError(f"timeout must be between 0 and one week, not {timeout}")
+        request = SpawnRequest(
+            argv=argv,
+            env=_env_pairs(env),
+            cwd=cwd,
+            user=None if user is None else str(user),
+            timeout_ms=max(1, int(timeout * 1000)) if timeout is not None else 0,
+            stdin=stdin,
+        )
+        stream = await channel.spawn(request)
+        try:
+            pid = await asyncio.wait_for(asyncio.shield(stream.started), SPAWN_TIMEOUT)
+        except builtins.TimeoutError:
+            raise TimeoutError(
+                f"the guest did not start {argv!r} within {SPAWN_TIMEOUT:g} s"
+            ) from None
+        return Execution(stream, pid, timeout, max_output_bytes)
+
+    async def exec(
+        self,
+        *cmd: str | Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        timeout: float | None = None,
+        stdin: bytes | str | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> ExecResult:
+        """Run a command to completion and return its output (see :class:`ExecResult`)."""
+        execution = await self.spawn(
+            *cmd,
+            env=env,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            stdin=stdin is not None,
+            max_output_bytes=max_output_bytes,
+        )
+        feeder: asyncio.Task[None] | None = None
+        if stdin is not None:
+            data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
+
+            async def feed() -> None:
+                await execution.stdin.write(data)
+                await execution.stdin.close()
+
+            feeder = asyncio.get_running_loop().create_task(feed())
+        try:
+            return await execution.wait()
+        finally:
+            if feeder is not None:
+                if not feeder.done():
+                    feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError, HutchError):
+                    await feeder
+
+    async def ping(self) -> float:
+        """Round trip to the guest agent, in seconds."""
+        return await self._require_channel().ping()
+
+
+async def _create_overlay(base: Path, disk: Path) -> None:
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise EngineError(
+            "qemu-img is not installed", hint="Run `hutch setup` (installs qemu-utils)."
+        )
+    proc = await asyncio.create_subprocess_exec(
+        qemu_img,
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        str(base.absolute()),
+        "-F",
+        "raw",
+        str(disk),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise EngineError(
+            f"qemu-img could not create the disk overlay {disk}: {err.decode().strip()}"
+        )

@@ -1,0 +1,340 @@
+"""The ``hutch`` command line.
+
+Exit codes: a command run in a box passes its own exit status through (128+N when killed by signal
+N); hutch's own failures exit 125 (bad usage 2), like ``docker run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from hutch import __version__
+from hutch.box import Box
+from hutch.errors import HutchError
+from hutch.paths import HutchPaths
+from hutch.setup import load_manifest, missing_packages, run_setup
+from hutch.vm.accel import resolve_accel
+
+EXIT_HUTCH_ERROR = 125
+err_console = Console(stderr=True)
+
+
+def _fail(e: HutchError) -> None:
+    err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+    if e.hint:
+        err_console.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+    sys.exit(EXIT_HUTCH_ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hutch")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """hutch: micro-VM sandboxes for Python."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+    )
+
+
+@main.command()
+@click.option(
+    "--kernel", type=click.Path(path_type=Path), help="Use this vmlinux instead of building one."
+)
+@click.option("--no-install", is_flag=True, help="Never run apt-get; fail if packages are missing.")
+def setup(kernel: Path | None, no_install: bool) -> None:
+    """Install packages and build the guest kernel, agent, initramfs and built-in image (cached)."""
+    paths = HutchPaths.default()
+    t0 = time.monotonic()
+    with err_console.status("hutch setup: checking…") as status:
+
+        def progress(msg: str) -> None:
+            status.update(f"hutch setup: {msg}")
+            if not err_console.is_terminal:  # logs (CI): one line per step instead of a spinner
+                err_console.print(f"  {msg}", highlight=False)
+
+        try:
+            manifest = run_setup(paths, progress, kernel=kernel, install=not no_install)
+        except HutchError as e:
+            status.stop()
+            _fail(e)
+    err_console.print(
+        f"hutch is set up in {paths.home} ({time.monotonic() - t0:.2f} s)\n"
+        f"  kernel     {manifest.kernel} ({manifest.kernel_source})\n"
+        f"  initramfs  {manifest.initramfs}\n"
+        f"  images     {', '.join(manifest.images)}",
+        highlight=False,
+    )
+
+
+def _check(rows: list[dict[str, str]], name: str, ok: bool, detail: str, fix: str = "") -> None:
+    rows.append(
+        {"check": name, "ok": "yes" if ok else "no", "detail": detail, "fix": "" if ok else fix}
+    )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.option(
+    "--reprobe", is_flag=True, help="Probe KVM again instead of using the cached verdict."
+)
+def doctor(as_json: bool, reprobe: bool) -> None:
+    """Check QEMU, the accelerator, set-up artifacts and disk space; say what to fix."""
+    paths = HutchPaths.default()
+    rows: list[dict[str, str]] = []
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu:
+        out = subprocess.run(
+            [qemu, "--version"], capture_output=True, text=True, check=False
+        ).stdout
+        _check(rows, "qemu", True, out.splitlines()[0] if out else qemu)
+    else:
+        _check(
+            rows,
+            "qemu",
+            False,
+            "qemu-system-x86_64 not found",
+            "hutch setup (or apt-get install qemu-system-x86)",
+        )
+    missing = missing_packages()
+    _check(
+        rows,
+        "packages",
+        not missing,
+        "all installed" if not missing else "missing: " + " ".join(missing),
+        "hutch setup (as root) installs them",
+    )
+    manifest = None
+    try:
+        manifest = load_manifest(paths)
+    except HutchError as e:
+        _check(rows, "artifacts", False, e.message, "hutch setup")
+    if manifest is not None:
+        for label, p in (
+            ("kernel", manifest.kernel_path),
+            ("initramfs", manifest.initramfs_path),
+            ("agent", Path(manifest.agent)),
+        ):
+            extra = f" ({manifest.kernel_source})" if label == "kernel" else ""
+            _check(rows, label, True, f"{p} {p.stat().st_size / 1e6:.1f} MB{extra}")
+        for name, img in manifest.images.items():
+            _check(rows, f"image {name}", True, img)
+        try:
+            verdict = asyncio.run(
+                resolve_accel(
+                    "auto", paths, manifest.kernel_path, manifest.initramfs_path, reprobe=reprobe
+                )
+            )
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(verdict.probed_at))
+            _check(
+                rows,
+                "accelerator",
+                True,
+                f"{verdict.accel.upper()}: {verdict.reason} (probed {when})",
+            )
+        except HutchError as e:
+            _check(rows, "accelerator", False, e.message, "hutch doctor --reprobe")
+    for label, where in (
+        ("disk", paths.home if paths.home.exists() else Path.home()),
+        ("run dir", paths.run.parent),
+    ):
+        du = shutil.disk_usage(where)
+        free_gib = du.free / 2**30
+        _check(
+            rows,
+            f"{label} space",
+            free_gib >= 2,
+            f"{free_gib:.1f} GiB free in {where}",
+            f"free space in {where} (boxes need disk overlays and RAM files)",
+        )
+    _check(
+        rows,
+        "setpriv",
+        shutil.which("setpriv") is not None,
+        "util-linux setpriv (QEMU dies with its owner)",
+        "apt-get install util-linux",
+    )
+    problems = [r for r in rows if r["ok"] == "no"]
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "checks": rows}, indent=2))
+    else:
+        table = Table(title=f"hutch doctor — {paths.home}")
+        for col in ("check", "ok", "detail", "fix"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(
+                r["check"],
+                "[green]✓[/]" if r["ok"] == "yes" else "[red]✗[/]",
+                r["detail"],
+                r["fix"],
+            )
+        Console().print(table)
+    sys.exit(1 if problems else 0)
+
+
+def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep:
+            value = os.environ.get(key, "")
+        env[key] = value
+    return env
+
+
+async def _run(
+    image: str,
+    cmd: list[str],
+    env: dict[str, str],
+    workdir: str | None,
+    user: str | None,
+    timeout: float | None,
+    interactive: bool,
+    cpus: int,
+    memory: int,
+    accel: str,
+    show_boot: bool,
+) -> int:
+    async with Box(image, cpus=cpus, memory_mib=memory, accel=accel) as box:
+        if show_boot:
+            err_console.print(f"[dim]booted {box.id} in {box.boot_ms:.0f} ms ({box.accel})[/]")
+        execution = await box.spawn(
+            cmd, env=env, cwd=workdir, user=user, timeout=timeout, stdin=interactive
+        )
+
+        async def pump(stream: Any, out: Any) -> None:
+            async for chunk in stream:
+                out.write(chunk)
+                out.flush()
+
+        async def feed() -> None:
+            loop = asyncio.get_running_loop()
+            while data := await loop.run_in_executor(None, os.read, sys.stdin.fileno(), 65536):
+                await execution.stdin.write(data)
+            await execution.stdin.close()
+
+        feeder = asyncio.create_task(feed()) if interactive else None
+        await asyncio.gather(
+            pump(execution.stdout, sys.stdout.buffer), pump(execution.stderr, sys.stderr.buffer)
+        )
+        result = await execution.wait()
+        if feeder:
+            feeder.cancel()
+        if result.signal is not None:
+            return 128 + result.signal
+        return result.exit_code or 0
+
+
+class _SplitAtDashDash(click.Command):
+    """Keeps everything after the first ``--`` away from click: it is the guest command, verbatim."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            i = args.index("--")
+            args, ctx.meta["hutch_cmd"] = args[:i], args[i + 1 :]
+        return super().parse_args(ctx, args)
+
+
+@main.command(
+    cls=_SplitAtDashDash,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+@click.option(
+    "-e",
+    "--env",
+    "env",
+    multiple=True,
+    help="Set an environment variable (K=V, or K to pass ours).",
+)
+@click.option("-w", "--workdir", help="Working directory in the guest.")
+@click.option("-u", "--user", help="User in the guest: name, uid or uid:gid.")
+@click.option("-i", "--interactive", is_flag=True, help="Forward our stdin to the command.")
+@click.option("--timeout", type=float, help="Kill the command after this many seconds.")
+@click.option("--cpus", type=int, default=1, show_default=True)
+@click.option("--memory", type=int, default=256, show_default=True, help="Guest memory in MiB.")
+@click.option(
+    "--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True
+)
+@click.option("--show-boot", is_flag=True, help="Print the boot time to stderr.")
+def run(
+    ctx: click.Context,
+    args: tuple[str, ...],
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    interactive: bool,
+    timeout: float | None,
+    cpus: int,
+    memory: int,
+    accel: str,
+    show_boot: bool,
+) -> None:
+    """Boot a box from IMAGE (default: busybox), run CMD in it, remove the box.
+
+    \b
+    hutch run -- uname -a
+    hutch run busybox -- sh -c 'echo out; echo err >&2; exit 7'
+    """
+    if "hutch_cmd" in ctx.meta:
+        image_part, cmd = list(args), list(ctx.meta["hutch_cmd"])
+    else:
+        image_part, cmd = list(args[:1]), list(args[1:])
+    if len(image_part) > 1 or not cmd:
+        raise click.UsageError("usage: hutch run [OPTIONS] [IMAGE] -- CMD [ARG...]")
+    image = image_part[0] if image_part else "busybox"
+    try:
+        code = asyncio.run(
+            _run(
+                image,
+                cmd,
+                _parse_env(env),
+                workdir,
+                user,
+                timeout,
+                interactive,
+                cpus,
+                memory,
+                accel,
+                show_boot,
+            )
+        )
+    except HutchError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+@main.command()
+def version() -> None:
+    """Print hutch's version."""
+    click.echo(__version__)
+
+
+def entry() -> None:  # pragma: no cover
+    with contextlib.suppress(BrokenPipeError):
+        main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,168 @@
+"""The one exception tree of hutch.
+
+Every error carries a ``hint``: what the user can do about it. ``http_status`` is the status the
+server (a later issue) maps it to; the table lives here so there is only one.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+
+
+class HutchError(Exception):
+    """Base of every hutch error."""
+
+    http_status: int = 500
+    default_hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\nhint: {self.hint}"
+        return self.message
+
+
+class ConnectionError(HutchError, builtins.ConnectionError):
+    http_status = 503
+    default_hint = "Check that the hutch server is running and reachable."
+
+
+class TimeoutError(HutchError, builtins.TimeoutError):
+    http_status = 408
+    default_hint = "Raise the timeout, or check the console log for where the guest stalled."
+
+
+class NotFoundError(HutchError):
+    http_status = 404
+
+
+class ConflictError(HutchError):
+    http_status = 409
+
+
+class InvalidStateError(HutchError):
+    http_status = 409
+
+
+class BadRequestError(HutchError):
+    http_status = 400
+
+
+class ConfigError(BadRequestError):
+    http_status = 400
+
+
+class UnauthorizedError(HutchError):
+    http_status = 401
+
+
+class ImageError(HutchError):
+    http_status = 400
+
+
+class StorageError(HutchError):
+    http_status = 500
+
+
+class NetworkError(HutchError):
+    http_status = 500
+
+
+class PortalError(HutchError):
+    """The host↔guest channel broke or the guest sent something invalid."""
+
+    http_status = 500
+    default_hint = "The guest agent misbehaved or died; see the box's console log. Run `hutch setup` if the agent is outdated."
+
+
+class EngineError(HutchError):
+    """QEMU could not be started or died."""
+
+    http_status = 500
+    default_hint = "Run `hutch doctor` to check QEMU, the kernel and the accelerator."
+
+
+class UnsupportedEngineError(EngineError):
+    http_status = 500
+
+
+class SetupError(HutchError):
+    """Host set-up (packages, kernel, agent, images) failed or is missing."""
+
+    http_status = 500
+    default_hint = "Run `hutch setup` (as root, or after installing the packages it names)."
+
+
+class ParseError(HutchError):
+    http_status = 400
+
+
+class OutputLimitError(HutchError):
+    """A buffered exec produced more output than its limit."""
+
+    http_status = 400
+    default_hint = "Use spawn() to stream large output, or raise max_output_bytes."
+
+
+class InternalError(HutchError):
+    http_status = 500
+
+
+class ExecutionError(HutchError):
+    """A command exited unsuccessfully (raised by ``ExecResult.assert_success``)."""
+
+    http_status = 500
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        exit_code: int | None,
+        stdout: str,
+        stderr: str,
+        *,
+        signal: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.command = list(command)
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.signal = signal
+        how = f"was killed by signal {signal}" if signal is not None else f"exited with {exit_code}"
+        tail = stderr.strip().splitlines()[-5:]
+        msg = f"command {self.command!r} {how}"
+        if tail:
+            msg += ":\n  " + "\n  ".join(tail)
+        super().__init__(msg, hint=hint or "Inspect stdout/stderr on this error.")
+
+
+HTTP_STATUS: dict[type[HutchError], int] = {
+    cls: cls.http_status
+    for cls in (
+        HutchError,
+        ConnectionError,
+        TimeoutError,
+        NotFoundError,
+        ConflictError,
+        InvalidStateError,
+        BadRequestError,
+        ConfigError,
+        UnauthorizedError,
+        ImageError,
+        StorageError,
+        NetworkError,
+        PortalError,
+        EngineError,
+        UnsupportedEngineError,
+        SetupError,
+        ParseError,
+        OutputLimitError,
+        InternalError,
+        ExecutionError,
+    )
+}

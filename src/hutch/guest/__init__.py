@@ -1,0 +1,1 @@
+"""Guest side: kernel build, initramfs, and the agent (PID 1)."""

@@ -1,0 +1,130 @@
+"""Blocking facade over the async API: ``from hutch.sync import Box``.
+
+One mechanism, not a second implementation: every async object is wrapped in :class:`Synced`, which
+runs its coroutine methods on one private event-loop thread and wraps what they return (an
+:class:`~hutch.execution.Execution` becomes a synced one; async iterators become plain iterators).
+Because the loop lives in its own thread, the facade also works where the caller's thread already
+runs an event loop (Jupyter, async frameworks) — the call simply blocks that thread.
+
+The loop thread lives as long as the process: QEMU processes are tied to the thread that started
+them (``--pdeathsig``), so that thread must not come and go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+from collections.abc import Coroutine, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+from hutch import box as _box
+from hutch import execution as _execution
+from hutch.errors import InvalidStateError
+from hutch.execution import ExecResult
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+
+
+def _get_loop() -> asyncio.AbstractEventLoop:
+    global _loop, _thread
+    with _lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="hutch-sync-loop", daemon=True)
+            thread.start()
+            _loop, _thread = loop, thread
+        return _loop
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on hutch's loop thread and block until it finishes."""
+    loop = _get_loop()
+    if threading.current_thread() is _thread:
+        coro.close()
+        raise InvalidStateError(
+            "hutch.sync was called from inside hutch's own event loop",
+            hint="Inside async code use the async API (hutch.Box) directly.",
+        )
+    return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+
+_WRAPPED: tuple[type, ...] = (
+    _box.Box,
+    _execution.Execution,
+    _execution.OutputStream,
+    _execution.InputStream,
+)
+
+
+def _wrap(value: Any) -> Any:
+    if isinstance(value, _WRAPPED):
+        return Synced(value)
+    return value
+
+
+class Synced:
+    """A blocking view of an async hutch object (attributes pass through, coroutines block)."""
+
+    __slots__ = ("_target",)
+
+    def __init__(self, target: Any) -> None:
+        object.__setattr__(self, "_target", target)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if inspect.iscoroutinefunction(attr):
+
+            @functools.wraps(attr)
+            def blocking(*args: Any, **kwargs: Any) -> Any:
+                return _wrap(run(attr(*args, **kwargs)))
+
+            return blocking
+        return _wrap(attr)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._target, name, value)
+
+    def __iter__(self) -> Iterator[Any]:
+        ait = self._target.__aiter__()
+        while True:
+            try:
+                yield run(ait.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def __repr__(self) -> str:
+        return f"sync:{self._target!r}"
+
+
+class Box(Synced):
+    """Blocking :class:`hutch.Box`: ``with Box() as box: box.exec("uname", "-a")``."""
+
+    __slots__ = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Same arguments as :class:`hutch.Box`."""
+        super().__init__(_box.Box(*args, **kwargs))
+
+    def __enter__(self) -> Box:
+        run(self._target.start())
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        run(self._target.remove())
+
+    # Explicit signatures for the most used calls (the rest pass through __getattr__).
+    def exec(self, *cmd: Any, **kwargs: Any) -> ExecResult:
+        result: ExecResult = run(self._target.exec(*cmd, **kwargs))
+        return result
+
+
+__all__ = ["Box", "ExecResult", "Synced", "run"]

@@ -1,0 +1,1 @@
+"""VM engine: QEMU command line, process supervision, accelerator probe."""

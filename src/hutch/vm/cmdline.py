@@ -1,0 +1,81 @@
+"""The QEMU microvm command line for one box (see shared field notes §1–§4 for why each option)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything QEMU needs to boot one box."""
+
+    kernel: Path
+    initramfs: Path
+    root_disk: Path  # qcow2 overlay on the image's base ext4
+    cmdline: str
+    portal_socket: Path
+    qmp_socket: Path
+    console_log: Path
+    ram_file: Path
+    accel: str = "tcg"  # "kvm" | "tcg"
+    cpus: int = 1
+    memory_mib: int = 256
+    extra_args: list[str] = field(default_factory=list)
+
+
+def qemu_command(spec: VmSpec, binary: str = QEMU_BINARY) -> list[str]:
+    if spec.accel == "kvm":
+        accel = ["-accel", "kvm", "-cpu", "host"]
+    else:
+        # tb-size=16 saves ~12 MiB RSS per VM at the same speed (notes §1).
+        accel = ["-accel", "tcg,tb-size=16", "-cpu", "max"]
+    mem = f"{spec.memory_mib}M"
+    return [
+        binary,
+        # microvm without ACPI/PCI: QEMU appends virtio_mmio.device=… to the kernel command line.
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=ram0",
+        *accel,
+        "-smp",
+        str(spec.cpus),
+        "-m",
+        mem,
+        # Guest RAM in a file, shared, so a running box can later be snapshotted and cloned.
+        "-object",
+        f"memory-backend-file,id=ram0,size={mem},mem-path={spec.ram_file},share=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+        "-kernel",
+        str(spec.kernel),
+        "-initrd",
+        str(spec.initramfs),
+        "-append",
+        spec.cmdline,
+        "-chardev",
+        f"file,id=console,path={spec.console_log}",
+        "-serial",
+        "chardev:console",
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        f"socket,id=portal,path={spec.portal_socket},server=on,wait=off",
+        "-device",
+        "virtserialport,chardev=portal,name=hutch.portal",
+        "-drive",
+        f"file={spec.root_disk},if=none,id=root,format=qcow2,discard=unmap",
+        "-device",
+        "virtio-blk-device,drive=root",
+        "-device",
+        "virtio-rng-device",
+        "-qmp",
+        f"unix:{spec.qmp_socket},server=on,wait=off",
+        *spec.extra_args,
+    ]

@@ -1,0 +1,139 @@
+"""Starting and supervising one QEMU process.
+
+No QEMU may outlive its owner: QEMU is started through util-linux ``setpriv --pdeathsig KILL``, so
+the kernel sends it SIGKILL when the thread that started it dies — also when the Python process is
+killed with SIGKILL and no Python code runs. Orderly stops escalate: the caller's guest shutdown,
+then QMP ``quit``, then SIGTERM, then SIGKILL, each with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from hutch.errors import EngineError
+from hutch.vm.cmdline import VmSpec, qemu_command
+
+log = logging.getLogger("hutch.vm")
+
+QMP_TIMEOUT = 2.0
+
+
+def tail(path: Path, max_lines: int = 30, max_bytes: int = 16384) -> str:
+    """The last lines of a (guest-written, so untrusted) log file, bounded in size."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read(max_bytes)
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return "\n".join(lines[-max_lines:])
+
+
+class QemuProcess:
+    """A running QEMU; created by :meth:`start`."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, spec: VmSpec, log_path: Path) -> None:
+        self._proc = proc
+        self.spec = spec
+        self.log_path = log_path
+        self.pid = proc.pid
+
+    @classmethod
+    async def start(cls, spec: VmSpec, log_path: Path, binary: str | None = None) -> QemuProcess:
+        qemu = binary or shutil.which("qemu-system-x86_64")
+        if qemu is None:
+            raise EngineError(
+                "qemu-system-x86_64 is not installed",
+                hint="Run `hutch setup` (installs qemu-system-x86), or `apt-get install qemu-system-x86`.",
+            )
+        setpriv = shutil.which("setpriv")
+        argv = qemu_command(spec, qemu)
+        if setpriv is not None:
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+        else:  # pragma: no cover - util-linux is essential on Debian
+            log.warning("setpriv not found: QEMU may outlive a killed owner process")
+        with log_path.open("ab") as out:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,  # Ctrl-C in a terminal goes to us, not to QEMU
+                )
+            except OSError as e:
+                raise EngineError(f"could not start QEMU: {e}") from e
+        log.debug("started qemu pid %d: %s", proc.pid, " ".join(argv))
+        return cls(proc, spec, log_path)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self._proc.returncode is None
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for exit; returns the exit status, or None if still running after ``timeout``."""
+        try:
+            return await asyncio.wait_for(self._proc.wait(), timeout)
+        except TimeoutError:
+            return None
+
+    def diagnostics(self) -> str:
+        """QEMU's own messages and the tail of the guest console, for error messages."""
+        parts = []
+        qemu_out = tail(self.log_path, 10)
+        if qemu_out:
+            parts.append("QEMU said:\n" + qemu_out)
+        console = tail(self.spec.console_log, 25)
+        parts.append("console tail:\n" + (console or "(the guest printed nothing)"))
+        return "\n".join(parts)
+
+    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command (connects for the call; bounded by ``QMP_TIMEOUT``)."""
+        client = QMPClient(f"hutch-{self.pid}")
+        try:
+            await asyncio.wait_for(client.connect(str(self.spec.qmp_socket)), QMP_TIMEOUT)
+            return await asyncio.wait_for(client.execute(command, arguments), QMP_TIMEOUT)
+        except Exception as e:
+            raise EngineError(f"QMP {command} failed: {e}") from e
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), QMP_TIMEOUT)
+
+    async def stop(self, grace: float = 2.0) -> int | None:
+        """QMP quit, then SIGTERM, then SIGKILL; returns the exit status."""
+        if not self.running:
+            return self.returncode
+        with contextlib.suppress(EngineError):
+            await self.qmp("quit")
+        if (rc := await self.wait(grace)) is not None:
+            return rc
+        self.signal(signal.SIGTERM)
+        if (rc := await self.wait(grace)) is not None:
+            return rc
+        self.kill()
+        return await self.wait(5.0)
+
+    def signal(self, signo: int) -> None:
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signo)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)

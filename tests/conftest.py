@@ -1,0 +1,52 @@
+"""Shared fixtures. VM tests share one booted box per session where the behaviour allows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # One event loop for the whole session, so a session-scoped box can serve every test.
+    session_loop = pytest.mark.asyncio(loop_scope="session")
+    for item in items:
+        if pytest_asyncio.is_async_test(item):
+            item.add_marker(session_loop, append=False)
+
+
+@pytest.fixture(scope="session")
+def manifest():  # type: ignore[no-untyped-def]
+    """The set-up artifacts. Missing artifacts fail loudly: `make test` runs `hutch setup` first."""
+    from hutch.paths import HutchPaths
+    from hutch.setup import load_manifest
+
+    return load_manifest(HutchPaths.default())
+
+
+@pytest.fixture(scope="session")
+def agent_binary(manifest) -> Path:  # type: ignore[no-untyped-def]
+    return Path(manifest.agent)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def box(manifest) -> AsyncIterator[object]:  # type: ignore[no-untyped-def]
+    """One running busybox box shared by the tests that don't change its global state."""
+    import hutch
+
+    async with hutch.Box("busybox", cpus=2, memory_mib=256) as b:
+        yield b
+
+
+def hutch_cli(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[bytes]:
+    exe = Path(sys.executable).parent / "hutch"
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, timeout=timeout, env=os.environ.copy(), **kw
+    )  # type: ignore[call-overload, no-any-return]

@@ -1,0 +1,130 @@
+"""Boot failures, process ownership and the CLI, each with its own real QEMU guest."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import hutch
+from hutch.errors import ConfigError, TimeoutError
+
+from ..conftest import REPO, hutch_cli
+
+pytestmark = pytest.mark.vm
+
+
+def qemu_children_of(pid: int) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if "qemu" in p.name()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def wait_gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def test_guest_that_never_answers_times_out_with_console_tail(manifest: object) -> None:
+    # rdinit points nowhere, so the kernel finds no init and panics; panic=0 makes it hang forever.
+    b = hutch.Box("busybox", boot_timeout=4, kernel_args=["rdinit=/does-not-exist", "panic=0"])
+    before = {p.pid for p in qemu_children_of(os.getpid())}  # e.g. the shared session box
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as ei:
+        await b.start()
+    elapsed = time.monotonic() - t0
+    assert elapsed < 4 + 8, elapsed  # inside the deadline plus the kill escalation
+    msg = str(ei.value)
+    assert "console tail" in msg and "panic" in msg.lower(), msg
+    assert b.qemu_pid is None and b.state == "failed"
+    assert {p.pid for p in qemu_children_of(os.getpid())} <= before
+    await b.remove()
+
+
+def test_qemu_dies_with_its_owner_on_sigkill(manifest: object) -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, sys, hutch
+        async def main():
+            box = hutch.Box("busybox")
+            await box.start()
+            print(box.qemu_pid, flush=True)
+            await asyncio.sleep(3600)
+        asyncio.run(main())
+        """
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        line = owner.stdout.readline()
+        qemu_pid = int(line)
+        assert psutil.pid_exists(qemu_pid)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+        assert wait_gone(qemu_pid, 5.0), f"QEMU {qemu_pid} outlived its SIGKILLed owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+
+
+def test_cli_run_streams_and_exit_code(manifest: object) -> None:
+    p = hutch_cli("run", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert p.stdout == b"out\n"
+    assert b"err\n" in p.stderr
+    assert p.returncode == 7
+
+
+def test_cli_run_image_stdin_and_signal_status(manifest: object) -> None:
+    p = hutch_cli(
+        "run", "-i", "busybox", "--", "sh", "-c", "tr a-z A-Z; kill -KILL $$", input=b"shout\n"
+    )
+    assert p.stdout == b"SHOUT\n"
+    assert p.returncode == 128 + 9
+
+
+def test_cli_errors_are_typed_not_tracebacks(manifest: object) -> None:
+    p = hutch_cli("run", "no-such-image", "--", "true")
+    assert p.returncode == 125
+    assert b"Traceback" not in p.stderr and b"no-such-image" in p.stderr and b"hint" in p.stderr
+    p = hutch_cli("run", "--", "no-such-program")
+    assert p.returncode == 125 and b"no-such-program" in p.stderr
+
+
+def test_bad_options_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="memory_mib"):
+        hutch.Box(memory_mib=64)
+    with pytest.raises(ConfigError, match="cpus"):
+        hutch.Box(cpus=0)
+
+
+def test_demo_script_prints_uname_and_boot_time(manifest: object) -> None:
+    p = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "microvm" in p.stdout and "booted box" in p.stdout and " ms" in p.stdout
+
+
+async def test_boxes_boot_concurrently(manifest: object) -> None:
+    boxes = [hutch.Box("busybox") for _ in range(3)]
+    try:
+        await asyncio.gather(*(b.start() for b in boxes))
+        outs = await asyncio.gather(*(b.exec("hostname") for b in boxes))
+        assert sorted(o.stdout.strip() for o in outs) == sorted(b.name for b in boxes)
+    finally:
+        await asyncio.gather(*(b.remove() for b in boxes))
