@@ -349,7 +349,7 @@ static void flush_outq(void)
 
 struct proc {
     bool used;
-    uint32_t stream;
+    uint32_t stream;           /* 0 = detached: its host went away (PID 1 reconnect) */
     pid_t pid;                 /* also its process group id (setsid) */
     bool reaped, timed_out;
     int status;                /* wait status, valid once reaped */
@@ -393,7 +393,8 @@ static void stdin_ack(struct proc *p, size_t n)
     if (n == 0)
         return;
     p->in_unacked -= n;
-    send_credit(p->stream, 0, n);
+    if (p->stream)
+        send_credit(p->stream, 0, n);
 }
 
 /* The process closed its stdin (EPIPE) or it went away: discard what is buffered. */
@@ -500,7 +501,7 @@ static void out_pump(struct proc *p, int i)
         ssize_t n = read(p->out_fd[i], dst + HDR_LEN, want);
         if (n > 0) {
             put_header(dst, i ? T_STDERR : T_STDOUT, p->stream, (uint32_t)n);
-            outq.len += HDR_LEN + (size_t)n;
+            outq.len += p->stream ? HDR_LEN + (size_t)n : 0;   /* detached: discard */
             p->out_credit[i] -= (uint64_t)n;
             p->out_left[i] -= p->reaped ? (size_t)n : 0;
             budget -= (size_t)n < budget ? (size_t)n : budget;
@@ -539,12 +540,13 @@ static void maybe_finish(struct proc *p)
     out_pump(p, 0);
     out_pump(p, 1);
     if (p->out_fd[0] < 0 && p->out_fd[1] < 0) {
-        send_exit(p);
+        if (p->stream)
+            send_exit(p);
         free_proc(p);
     }
 }
 
-/* SIGCHLD: reap every child, ours or orphans (PID 1 / subreaper). */
+/* SIGCHLD (or SIGIO): reap every child, ours or orphans (PID 1 / subreaper). */
 static void reap_children(void)
 {
     struct signalfd_siginfo si;
@@ -1196,6 +1198,15 @@ static _Noreturn void shutdown_all(int code)
     hard_reboot();
 }
 
+/* While the host is away, the driver's SIGIO (O_ASYNC, read through the signalfd) tells us at
+ * once when it reopens the port: no busy polling, no reconnection delay. */
+static void set_async(bool on)
+{
+    int fl = fcntl(g.portal, F_GETFL);
+    if (fl < 0 || fcntl(g.portal, F_SETFL, on ? fl | O_ASYNC : fl & ~O_ASYNC) < 0)
+        logmsg("O_ASYNC on the portal: %m");
+}
+
 /* The host went away. Test mode: exit. PID 1: wait for a new host (see the main loop). */
 static void portal_lost(const char *why)
 {
@@ -1207,8 +1218,18 @@ static void portal_lost(const char *why)
     }
     dbg("host disconnected (%s)", why);
     g.connected = false;
+    set_async(true);
     inb.len = 0;
     outq.head = outq.len = 0;   /* a half-sent frame means nothing to the next host */
+    /* The next host numbers its streams from 1 again: detach ours. Their processes run on,
+     * their output is drained and dropped, their exit is not reported. */
+    for (int i = 0; i < nslots; i++) {
+        if (procs[i].used) {
+            procs[i].stream = 0;
+            procs[i].out_credit[0] = procs[i].out_credit[1] = UINT64_MAX;
+            stdin_close(&procs[i]);
+        }
+    }
 }
 
 /* PID 1: has the host side of the port been opened? The virtio console driver reports POLLHUP
@@ -1218,6 +1239,7 @@ static void check_connected(void)
     struct pollfd pf = { g.portal, POLLIN, 0 };
     if (poll(&pf, 1, 0) < 0 || (pf.revents & POLLHUP))
         return;
+    set_async(false);
     g.connected = true;
     inb.len = 0;
     outq.head = outq.len = 0;
@@ -1407,8 +1429,8 @@ static _Noreturn void main_loop(void)
         int timeout = check_deadlines(mono_us());
         if (g.pid1 && !g.connected) {
             check_connected();
-            if (!g.connected && (timeout < 0 || timeout > 50))
-                timeout = 50;   /* re-check for a host every 50 ms */
+            if (!g.connected && (timeout < 0 || timeout > 1000))
+                timeout = 1000;   /* SIGIO wakes us; this is only a fallback */
         }
         size_t pending = outq_pending(), n = 2;
         pfds[0] = (struct pollfd){ g.connected ? g.portal : -1,
@@ -1460,7 +1482,9 @@ int main(int argc, char **argv)
 {
     const char *socket_path = NULL;
     g.boot_start_us = clock_us(CLOCK_BOOTTIME);
-    g.pid1 = getpid() == 1;
+    g.pid1 = getpid() == 1;   /* the kernel may pass init stray arguments: ignore them, unless */
+    for (int i = 1; i < argc; i++)   /* test mode was asked for (e.g. PID 1 of a container) */
+        g.pid1 = g.pid1 && strcmp(argv[i], "--portal-socket") != 0;
 
     if (!g.pid1) {
         for (int i = 1; i < argc; i++) {
@@ -1486,22 +1510,25 @@ int main(int argc, char **argv)
                 return 1;
     }
 
-    /* SIGCHLD only through the signalfd; SIGPIPE ignored (EPIPE is handled). */
-    sigset_t chld;
-    sigemptyset(&chld);
-    sigaddset(&chld, SIGCHLD);
-    if (sigprocmask(SIG_BLOCK, &chld, NULL) < 0 || signal(SIGPIPE, SIG_IGN) == SIG_ERR)
+    /* SIGCHLD and SIGIO only through the signalfd; SIGPIPE ignored (EPIPE is handled). */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGCHLD);
+    sigaddset(&sigs, SIGIO);
+    if (sigprocmask(SIG_BLOCK, &sigs, NULL) < 0 || signal(SIGPIPE, SIG_IGN) == SIG_ERR)
         fatal("signal setup: %m");
 
     if (g.pid1) {
         boot_pid1();
         g.portal = open_virtio_portal();
+        if (fcntl(g.portal, F_SETOWN, getpid()) < 0)
+            logmsg("F_SETOWN on the portal: %m");
     } else {
         if (prctl(PR_SET_CHILD_SUBREAPER, 1) < 0)
             fatal("PR_SET_CHILD_SUBREAPER: %m");
         g.portal = connect_socket(socket_path);
     }
-    if ((g.sigfd = signalfd(-1, &chld, SFD_NONBLOCK | SFD_CLOEXEC)) < 0)
+    if ((g.sigfd = signalfd(-1, &sigs, SFD_NONBLOCK | SFD_CLOEXEC)) < 0)
         fatal("signalfd: %m");
     if (!(inb.buf = malloc(INBUF_CAP)))
         fatal("out of memory");
@@ -1509,6 +1536,7 @@ int main(int argc, char **argv)
         procs[i].out_fd[0] = procs[i].out_fd[1] = procs[i].in_fd = -1;
 
     if (g.pid1) {
+        set_async(true);
         check_connected();   /* HELLO once the host side is open */
         if (!g.connected)
             dbg("waiting for the host to open the portal");
