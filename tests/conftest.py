@@ -45,8 +45,15 @@ async def box(manifest) -> AsyncIterator[object]:  # type: ignore[no-untyped-def
         yield b
 
 
-def hutch_cli(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[bytes]:
+def hutch_cli(
+    *args: str,
+    timeout: float = 300,
+    env_extra: dict[str, str] | None = None,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the installed `hutch` console script of this venv."""
     exe = Path(sys.executable).parent / "hutch"
+    env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
-        [str(exe), *args], capture_output=True, timeout=timeout, env=os.environ.copy(), **kw
-    )  # type: ignore[call-overload, no-any-return]
+        [str(exe), *args], capture_output=True, timeout=timeout, env=env, input=input, check=False
+    )

@@ -144,6 +144,8 @@ class Box:
         self.state = "created"
         self.hello: Hello | None = None
         self.boot_ms: float | None = None
+        #: Why a running box turned ``failed`` (set by the watcher), else None.
+        self.failure: HutchError | None = None
         self._qemu: QemuProcess | None = None
         self._channel: PortalChannel | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -173,9 +175,15 @@ class Box:
         """Boot the VM and wait until its agent answers (bounded by ``boot_timeout``)."""
         if self.state == "running":
             return
-        if self.state not in ("created", "stopped"):
-            raise InvalidStateError(f"cannot start box {self.id} in state {self.state}")
+        if self.state not in ("created", "stopped", "failed"):
+            raise InvalidStateError(
+                f"cannot start box {self.id} while it is {self.state}",
+                hint="Wait for the current start/stop to finish.",
+            )
+        if self.state == "failed":
+            await self._teardown()  # what is left of the failed VM: watcher, QEMU, sockets
         self.state = "starting"
+        self.failure = None
         t0 = time.monotonic()
         deadline = t0 + self.boot_timeout
         try:
@@ -271,13 +279,35 @@ class Box:
         raise self._not_ready(qemu, "before the agent said hello")
 
     async def _watch(self, qemu: QemuProcess, channel: PortalChannel) -> None:
-        rc = await qemu.wait()
-        if self.state == "running":
-            self.state = "failed"
-            log.warning("box %s: QEMU exited unexpectedly with status %s", self.id, rc)
-            await channel.close(
-                f"box {self.id}: the VM exited unexpectedly (status {rc})\n{qemu.diagnostics()}"
+        """While running: QEMU exiting, or the portal failing (e.g. a protocol violation by the
+        guest), marks the box failed; in the second case the VM is stopped too."""
+        exited = asyncio.ensure_future(qemu.wait())
+        broken = asyncio.ensure_future(channel.closed_event.wait())
+        try:
+            await asyncio.wait({exited, broken}, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():  # a dying QEMU closes the portal first: attribute it correctly
+                await asyncio.wait({exited}, timeout=0.5)
+        finally:
+            exited.cancel()
+            broken.cancel()
+        if self.state != "running":
+            return
+        self.state = "failed"
+        if qemu.running:
+            reason = channel.close_reason
+            self.failure = (
+                reason
+                if isinstance(reason, HutchError)
+                else PortalError(f"portal failed: {reason}")
             )
+            log.warning("box %s: %s; stopping the VM", self.id, self.failure.message)
+            await qemu.stop(grace=1.0)
+        else:
+            self.failure = EngineError(
+                f"the VM exited unexpectedly (status {qemu.returncode})\n{qemu.diagnostics()}"
+            )
+            log.warning("box %s: QEMU exited unexpectedly (status %s)", self.id, qemu.returncode)
+        await channel.close(f"box {self.id} failed: {self.failure.message}")
 
     async def stop(self) -> None:
         """Shut the guest down (processes get SIGTERM, then SIGKILL); the disk is kept."""
@@ -323,6 +353,11 @@ class Box:
 
     # --- commands -------------------------------------------------------------------------
     def _require_channel(self) -> PortalChannel:
+        if self.state == "failed" and self.failure is not None:
+            raise InvalidStateError(
+                f"box {self.id} failed: {self.failure.message}",
+                hint="Start it again (its disk is kept), or remove it.",
+            )
         if self.state != "running" or self._channel is None:
             raise InvalidStateError(
                 f"box {self.id} is {self.state}, not running",

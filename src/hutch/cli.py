@@ -32,7 +32,7 @@ from hutch.setup import load_manifest, missing_packages, run_setup
 from hutch.vm.accel import resolve_accel
 
 EXIT_HUTCH_ERROR = 125
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # never break messages mid-line
 
 
 def _fail(e: HutchError) -> None:

@@ -128,3 +128,25 @@ async def test_boxes_boot_concurrently(manifest: object) -> None:
         assert sorted(o.stdout.strip() for o in outs) == sorted(b.name for b in boxes)
     finally:
         await asyncio.gather(*(b.remove() for b in boxes))
+
+
+async def test_vm_dying_under_a_box_fails_it_cleanly(manifest: object) -> None:
+    b = hutch.Box("busybox")
+    await b.start()
+    try:
+        running = await b.spawn("sleep", "60")
+        assert b.qemu_pid is not None
+        os.kill(b.qemu_pid, signal.SIGKILL)
+        with pytest.raises(hutch.PortalError):
+            await asyncio.wait_for(running.wait(), 10)
+        for _ in range(100):
+            if b.state == "failed":
+                break
+            await asyncio.sleep(0.05)
+        assert b.state == "failed"
+        with pytest.raises(hutch.InvalidStateError, match="exited unexpectedly"):
+            await b.exec("true")
+        await b.start()  # a failed box can be started again, from its kept disk
+        assert (await b.exec("echo", "back")).stdout == "back\n"
+    finally:
+        await b.remove()

@@ -33,15 +33,32 @@ def initramfs_key(agent_key: str) -> str:
     return hash_inputs([INITRAMFS_RECIPE, agent_key])
 
 
-def _entry(ino: int, name: str, mode: int, data: bytes = b"", *, nlink: int = 1,
-           rdev: tuple[int, int] = (0, 0)) -> bytes:
+def _entry(
+    ino: int,
+    name: str,
+    mode: int,
+    data: bytes = b"",
+    *,
+    nlink: int = 1,
+    rdev: tuple[int, int] = (0, 0),
+) -> bytes:
     """One newc record: a 110-byte ASCII header, the NUL-terminated name, the data, each
     padded to a multiple of 4 bytes (the header+name together)."""
     encoded = name.encode() + b"\0"
     fields = (
-        ino, mode, 0, 0, nlink, 0, len(data),  # ino mode uid gid nlink mtime filesize
-        0, 0, rdev[0], rdev[1],  # devmajor devminor rdevmajor rdevminor
-        len(encoded), 0,  # namesize check
+        ino,
+        mode,
+        0,
+        0,
+        nlink,
+        0,
+        len(data),  # ino mode uid gid nlink mtime filesize
+        0,
+        0,
+        rdev[0],
+        rdev[1],  # devmajor devminor rdevmajor rdevminor
+        len(encoded),
+        0,  # namesize check
     )
     header = b"070701" + b"".join(b"%08X" % f for f in fields)
     out = header + encoded

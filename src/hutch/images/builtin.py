@@ -51,21 +51,46 @@ HUTCH_GID = 1000
 #     fallocate/punch, so the file stays sparse.)
 #  -E root_owner=0:0 -L hutch-root -m 0 (no reserved blocks: the disk belongs to one sandbox).
 _MKFS_OPTIONS = (
-    "-q", "-F", "-t", "ext4",
-    "-L", "hutch-root",
-    "-J", "size=16",
-    "-m", "0",
-    "-E", "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0",
+    "-q",
+    "-F",
+    "-t",
+    "ext4",
+    "-L",
+    "hutch-root",
+    "-J",
+    "size=16",
+    "-m",
+    "0",
+    "-E",
+    "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0",
 )
 
 # (path, mode) of the directories of the tree, all root-owned except /home/hutch.
 _DIRS: tuple[tuple[str, int], ...] = (
-    ("bin", 0o755), ("sbin", 0o755), ("usr", 0o755), ("usr/bin", 0o755), ("usr/sbin", 0o755),
-    ("usr/local", 0o755), ("usr/local/bin", 0o755), ("usr/local/sbin", 0o755),
-    ("lib", 0o755), ("etc", 0o755),
-    ("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("run", 0o755), ("tmp", 0o1777),
-    ("var", 0o755), ("var/tmp", 0o1777), ("var/log", 0o755), ("root", 0o700),
-    ("home", 0o755), ("home/hutch", 0o755), ("mnt", 0o755), ("opt", 0o755), ("srv", 0o755),
+    ("bin", 0o755),
+    ("sbin", 0o755),
+    ("usr", 0o755),
+    ("usr/bin", 0o755),
+    ("usr/sbin", 0o755),
+    ("usr/local", 0o755),
+    ("usr/local/bin", 0o755),
+    ("usr/local/sbin", 0o755),
+    ("lib", 0o755),
+    ("etc", 0o755),
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+    ("var", 0o755),
+    ("var/tmp", 0o1777),
+    ("var/log", 0o755),
+    ("root", 0o700),
+    ("home", 0o755),
+    ("home/hutch", 0o755),
+    ("mnt", 0o755),
+    ("opt", 0o755),
+    ("srv", 0o755),
 )
 
 _FILES: dict[str, tuple[str, int]] = {
@@ -84,8 +109,10 @@ _FILES: dict[str, tuple[str, int]] = {
         0o644,
     ),
     # Locked passwords: nobody logs in; the agent starts processes with the uid it is asked for.
-    "etc/shadow": ("root:*:0:0:99999:7:::\nhutch:*:0:0:99999:7:::\nnobody:*:0:0:99999:7:::\n",
-                   0o600),
+    "etc/shadow": (
+        "root:*:0:0:99999:7:::\nhutch:*:0:0:99999:7:::\nnobody:*:0:0:99999:7:::\n",
+        0o600,
+    ),
     "etc/hostname": ("hutch\n", 0o644),
     "etc/hosts": ("127.0.0.1\tlocalhost\n127.0.1.1\thutch\n::1\tlocalhost ip6-localhost\n", 0o644),
     "etc/resolv.conf": ("nameserver 10.0.2.3\n", 0o644),
@@ -143,11 +170,14 @@ def _is_static_elf(path: Path) -> bool:
 
 
 def _applets() -> list[str]:
-    proc = subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [str(BUSYBOX), "--list-full"], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
-        raise SetupError(f"`{BUSYBOX} --list-full` failed: {proc.stderr.strip()}",
-                         hint="Reinstall busybox-static.")
+        raise SetupError(
+            f"`{BUSYBOX} --list-full` failed: {proc.stderr.strip()}",
+            hint="Reinstall busybox-static.",
+        )
     return [a for a in proc.stdout.split() if "/" in a]  # drops "linuxrc" (initrd only)
 
 
@@ -180,11 +210,15 @@ def _make_tree(tree: Path) -> int:
 def _build(paths: HutchPaths, out: Path, progress: ProgressFn) -> None:
     for tool in ("fakeroot", "mkfs.ext4", "debugfs"):
         if shutil.which(tool) is None:
-            raise SetupError(f"`{tool}` not found; it is needed to build images without root",
-                             hint="apt-get install fakeroot e2fsprogs")
+            raise SetupError(
+                f"`{tool}` not found; it is needed to build images without root",
+                hint="apt-get install fakeroot e2fsprogs",
+            )
     if not _is_static_elf(BUSYBOX):
-        raise SetupError(f"{BUSYBOX} is not a static x86-64 executable",
-                         hint="apt-get install busybox-static (it replaces the dynamic busybox)")
+        raise SetupError(
+            f"{BUSYBOX} is not a static x86-64 executable",
+            hint="apt-get install busybox-static (it replaces the dynamic busybox)",
+        )
     progress(f"image {IMAGE_NAME}: building root tree")
     paths.build.mkdir(parents=True, exist_ok=True)
     image = out / ROOTFS_NAME
@@ -200,13 +234,13 @@ def _build(paths: HutchPaths, out: Path, progress: ProgressFn) -> None:
             [
                 f"chown -hR 0:0 {q(str(tree))}",
                 f"chown -h {HUTCH_UID}:{HUTCH_GID} {q(str(tree / 'home' / 'hutch'))}",
-                " ".join(["mkfs.ext4", *map(q, _MKFS_OPTIONS), "-d", q(str(tree)),
-                          q(str(image))]),
+                " ".join(["mkfs.ext4", *map(q, _MKFS_OPTIONS), "-d", q(str(tree)), q(str(image))]),
             ]
         )
         # One fakeroot session: the chowns above exist only inside it, for mkfs to record.
-        proc = subprocess.run(["fakeroot", "--", "sh", "-c", script], capture_output=True,
-                              text=True, check=False)
+        proc = subprocess.run(
+            ["fakeroot", "--", "sh", "-c", script], capture_output=True, text=True, check=False
+        )
         if proc.returncode != 0:
             raise SetupError(
                 f"building the {IMAGE_NAME} image failed (fakeroot mkfs.ext4 exited with "
@@ -227,8 +261,12 @@ def _build(paths: HutchPaths, out: Path, progress: ProgressFn) -> None:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": f"{BUSYBOX} (Debian busybox-static)",
                 "applets": links,
-                "user": {"name": "hutch", "uid": HUTCH_UID, "gid": HUTCH_GID,
-                         "home": "/home/hutch"},
+                "user": {
+                    "name": "hutch",
+                    "uid": HUTCH_UID,
+                    "gid": HUTCH_GID,
+                    "home": "/home/hutch",
+                },
             },
             indent=2,
         )
@@ -239,8 +277,9 @@ def _build(paths: HutchPaths, out: Path, progress: ProgressFn) -> None:
 
 def _check_owner(image: Path, path: str, uid: int, gid: int) -> None:
     """Guard against a fakeroot that silently did nothing: read the owner back with debugfs."""
-    proc = subprocess.run(["debugfs", "-R", f"stat {path}", str(image)], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        ["debugfs", "-R", f"stat {path}", str(image)], capture_output=True, text=True, check=False
+    )
     fields = proc.stdout.split()
     try:
         got_uid = int(fields[fields.index("User:") + 1])

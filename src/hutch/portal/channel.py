@@ -37,6 +37,8 @@ from hutch.portal.codec import (
 log = logging.getLogger("hutch.portal")
 
 READ_CHUNK = 256 << 10
+#: Output credit is returned to the guest in batches of this many bytes (see ProcessStream.consumed).
+CREDIT_BATCH = INITIAL_WINDOW // 4
 EOF = None
 
 
@@ -95,6 +97,7 @@ class ProcessStream:
             2: asyncio.Queue(),
         }
         self._out_credit = {1: INITIAL_WINDOW, 2: INITIAL_WINDOW}
+        self._credit_pending = {1: 0, 2: 0}
         self._stdin_credit = INITIAL_WINDOW
         self._stdin_wakeup = asyncio.Event()
         self._stdin_closed = False
@@ -180,12 +183,21 @@ class ProcessStream:
 
     # --- host → guest ---------------------------------------------------------------------
     def consumed(self, fd: int, n: int) -> None:
-        """The consumer took ``n`` bytes of fd 1/2: give the guest that much credit back."""
+        """The consumer took ``n`` bytes of fd 1/2: give the guest that much credit back.
+
+        Credit is batched (every ``CREDIT_BATCH`` bytes, or at once when the consumer has caught
+        up and the guest may be waiting), so bulk output costs the guest few extra reads.
+        """
         if self.closed or n <= 0:
             return
-        self._out_credit[fd] += n
+        pending = self._credit_pending[fd] + n
+        if pending < CREDIT_BATCH and not self.queues[fd].empty():
+            self._credit_pending[fd] = pending
+            return
+        self._credit_pending[fd] = 0
+        self._out_credit[fd] += pending
         self.channel._send_nowait(
-            Frame(MsgType.CREDIT, self.id, encode_tlv([(Tag.FD, fd), (Tag.BYTES, n)]))
+            Frame(MsgType.CREDIT, self.id, encode_tlv([(Tag.FD, fd), (Tag.BYTES, pending)]))
         )
 
     async def write_stdin(self, data: bytes) -> None:

@@ -31,7 +31,10 @@ def qemu_command(spec: VmSpec, binary: str = QEMU_BINARY) -> list[str]:
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
         # tb-size=16 saves ~12 MiB RSS per VM at the same speed (notes §1).
-        accel = ["-accel", "tcg,tb-size=16", "-cpu", "max"]
+        # Without ERMS/FSRM the guest kernel copies with `rep movsq`/unrolled moves instead of
+        # `rep movsb`, which TCG emulates byte by byte: pipe and portal throughput 2-3x higher
+        # (bench/exec.py: ~35 → ~90 MB/s guest→host).
+        accel = ["-accel", "tcg,tb-size=16", "-cpu", "max,-erms,-fsrm"]
     mem = f"{spec.memory_mib}M"
     return [
         binary,

@@ -23,6 +23,8 @@ from hutch.errors import EngineError
 from hutch.vm.cmdline import VmSpec, qemu_command
 
 log = logging.getLogger("hutch.vm")
+# qemu.qmp logs every failed connection at ERROR; hutch reports QMP failures as EngineError itself.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 QMP_TIMEOUT = 2.0
 

@@ -195,7 +195,11 @@ class _Builder:
         self._log.write(f"\n$ {' '.join(argv)}   (in {cwd})\n")
         self._log.flush()
         proc = subprocess.run(
-            argv, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, check=False,
+            argv,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            check=False,
             env=self._env(),
         )
         if proc.returncode != 0:
@@ -274,7 +278,10 @@ class _Builder:
             applied.unlink()
         already = subprocess.run(  # applied, but the marker was not written (interrupted run)
             ["patch", "-p1", "-R", "--dry-run", "-s", "-f", "-i", str(PATCH)],
-            cwd=self.tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+            cwd=self.tree,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
         )
         if already.returncode != 0:
             self.progress(f"kernel: applying {PATCH.name}")
@@ -291,8 +298,9 @@ class _Builder:
             "merge_config.sh",
         )
         self._run([*make, "olddefconfig"], self.tree, "make olddefconfig")
-        bad = check_config(parse_fragment(FRAGMENT.read_text()),
-                           parse_config((self.tree / ".config").read_text()))
+        bad = check_config(
+            parse_fragment(FRAGMENT.read_text()), parse_config((self.tree / ".config").read_text())
+        )
         if bad:
             assert self._log is not None
             self._log.write("\nconfig options that did not survive olddefconfig:\n")
@@ -316,8 +324,14 @@ class _Builder:
         compiled = 0
         last = time.monotonic()
         proc = subprocess.Popen(
-            argv, cwd=self.tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=self._env(), text=True, errors="replace", bufsize=1,
+            argv,
+            cwd=self.tree,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self._env(),
+            text=True,
+            errors="replace",
+            bufsize=1,
         )
         assert proc.stdout is not None
         with proc:
@@ -328,8 +342,11 @@ class _Builder:
                     continue
                 if m.group(1) in ("CC", "AS"):
                     compiled += 1
-                if m.group(1) == "LD" and line.split()[-1] in ("vmlinux", ".tmp_vmlinux.kallsyms1",
-                                                                 "vmlinux.o"):
+                if m.group(1) == "LD" and line.split()[-1] in (
+                    "vmlinux",
+                    ".tmp_vmlinux.kallsyms1",
+                    "vmlinux.o",
+                ):
                     self.progress(f"kernel: linking {line.split()[-1]}")
                     last = time.monotonic()
                 elif time.monotonic() - last >= 2.0:
@@ -365,8 +382,7 @@ class _Builder:
 
 
 def parse_fragment(text: str) -> dict[str, str | None]:
-    """``CONFIG_X=v`` → ``{"CONFIG_X": "v"}``; ``# CONFIG_X is not set`` → ``{"CONFIG_X": None}``.
-    """
+    """``CONFIG_X=v`` → ``{"CONFIG_X": "v"}``; ``# CONFIG_X is not set`` → ``{"CONFIG_X": None}``."""
     wanted: dict[str, str | None] = {}
     for raw in text.splitlines():
         line = raw.strip()
@@ -410,7 +426,7 @@ def has_pvh_note(vmlinux: Path) -> bool:
         return False
     if data[:5] != b"\x7fELF\x02" or data[5] != 1:  # 64-bit little-endian
         return False
-    e_phoff, = struct.unpack_from("<Q", data, 0x20)
+    (e_phoff,) = struct.unpack_from("<Q", data, 0x20)
     e_phentsize, e_phnum = struct.unpack_from("<HH", data, 0x36)
     for i in range(e_phnum):
         p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from(
