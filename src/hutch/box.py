@@ -37,7 +37,7 @@ from hutch.guest.kernel import kernel_cmdline
 from hutch.paths import HutchPaths
 from hutch.portal import Hello, PortalChannel, SpawnRequest
 from hutch.setup import load_manifest
-from hutch.vm.accel import resolve_accel
+from hutch.vm.accel import ACCELS, resolve_accel
 from hutch.vm.cmdline import VmSpec
 from hutch.vm.process import QemuProcess
 
@@ -129,6 +129,11 @@ class Box:
             )
         if not 128 <= memory_mib <= 65536:
             raise ConfigError(f"memory_mib must be between 128 and 65536, not {memory_mib}")
+        if accel not in ACCELS:
+            raise ConfigError(
+                f"accel must be one of {', '.join(ACCELS)}, not {accel!r}",
+                hint="accel='auto' uses KVM when a probe guest boots under it, else TCG.",
+            )
         if boot_timeout <= 0:
             raise ConfigError(f"boot_timeout must be positive, not {boot_timeout}")
         self.id = new_box_id()

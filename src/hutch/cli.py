@@ -65,10 +65,17 @@ def setup(kernel: Path | None, no_install: bool) -> None:
     paths = HutchPaths.default()
     t0 = time.monotonic()
     with err_console.status("hutch setup: checking…") as status:
+        last_step, last_at = [""], [0.0]
 
         def progress(msg: str) -> None:
             status.update(f"hutch setup: {msg}")
-            if not err_console.is_terminal:  # logs (CI): one line per step instead of a spinner
+            if err_console.is_terminal:
+                return
+            # Logs (CI): a line per new step, and for long steps one line every 15 s.
+            step = msg.split("(")[0]
+            now = time.monotonic()
+            if step != last_step[0] or now - last_at[0] >= 15:
+                last_step[0], last_at[0] = step, now
                 err_console.print(f"  {msg}", highlight=False)
 
         try:

@@ -61,3 +61,23 @@ async def test_user_supplied_vmlinux(manifest: Manifest, tmp_path: Path) -> None
     assert got["kernel"] == manifest.kernel and got["kernel_source"] == "user"
     async with hutch.Box("busybox", home=home) as box:
         assert (await box.exec("true")).exit_code == 0
+
+
+async def test_accel_kvm_on_a_host_without_working_kvm_is_a_clear_error(manifest: Manifest) -> None:
+    from hutch.paths import HutchPaths
+    from hutch.vm.accel import resolve_accel
+
+    verdict = await resolve_accel(
+        "auto", HutchPaths.default(), manifest.kernel_path, manifest.initramfs_path
+    )
+    box = hutch.Box("busybox", accel="kvm")
+    if verdict.accel == "kvm":
+        async with box:
+            assert box.accel == "kvm"
+        return
+    with pytest.raises(hutch.UnsupportedEngineError, match="kvm") as ei:
+        await box.start()
+    assert "tcg" in ei.value.hint and box.qemu_pid is None
+    await box.remove()
+    with pytest.raises(hutch.BadRequestError, match="accel"):
+        await hutch.Box("busybox", accel="hvf").start()
