@@ -100,6 +100,7 @@ async def main() -> None:
         t, b = await hutch_boot()
         total.append(t)
         boot.append(b)
+    shutil.rmtree(workdir, ignore_errors=True)
     med = statistics.median
     result = {
         "accel": verdict.accel,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -60,23 +62,31 @@ def test_qemu_dies_with_its_owner_on_sigkill(manifest: object) -> None:
         async def main():
             box = hutch.Box("busybox")
             await box.start()
-            print(box.qemu_pid, flush=True)
+            print(box.qemu_pid, box.box_dir, flush=True)
             await asyncio.sleep(3600)
         asyncio.run(main())
         """
     )
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    box_dir = ""
     try:
         assert owner.stdout is not None
-        line = owner.stdout.readline()
-        qemu_pid = int(line)
+        pid_text, box_dir = owner.stdout.readline().split()
+        qemu_pid = int(pid_text)
         assert psutil.pid_exists(qemu_pid)
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
         assert wait_gone(qemu_pid, 5.0), f"QEMU {qemu_pid} outlived its SIGKILLed owner"
+        # The next box start sweeps the dead owner's run folder (sockets, guest RAM on tmpfs).
+        run_dir = hutch.Box().paths.run / Path(box_dir).name
+        assert run_dir.exists()
+        hutch.box.sweep_stale_run_dirs(hutch.Box().paths)
+        assert not run_dir.exists()
     finally:
         if owner.poll() is None:
             owner.kill()
+        if box_dir:
+            shutil.rmtree(box_dir, ignore_errors=True)  # its disk is kept (nothing reclaims it yet)
 
 
 def test_cli_run_streams_and_exit_code(manifest: object) -> None:
