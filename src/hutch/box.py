@@ -288,6 +288,7 @@ class Box:
         guest), marks the box failed; in the second case the VM is stopped too."""
         exited = asyncio.ensure_future(qemu.wait())
         broken = asyncio.ensure_future(channel.closed_event.wait())
+        guard = asyncio.ensure_future(qemu.guard_console())
         try:
             await asyncio.wait({exited, broken}, return_when=asyncio.FIRST_COMPLETED)
             if not exited.done():  # a dying QEMU closes the portal first: attribute it correctly
@@ -295,6 +296,7 @@ class Box:
         finally:
             exited.cancel()
             broken.cancel()
+            guard.cancel()
         if self.state != "running":
             return
         self.state = "failed"

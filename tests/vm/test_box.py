@@ -183,3 +183,25 @@ async def test_exec_on_stopped_box_is_invalid_state(manifest: object) -> None:
     assert (await b.exec("cat", "/root/file")).stdout == "kept\n"
     await b.remove()
     assert not b.box_dir.exists()
+
+
+async def test_console_log_is_capped_against_a_chatty_guest(
+    box: hutch.Box, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hutch.vm.process as proc
+
+    monkeypatch.setattr(proc, "CONSOLE_LOG_MAX", 16 << 10)
+    monkeypatch.setattr(proc, "CONSOLE_LOG_KEEP", 4 << 10)
+    monkeypatch.setattr(proc, "CONSOLE_CHECK_INTERVAL", 0.2)
+    r = await box.exec(
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 4000 ]; do echo spam-$i; i=$((i+1)); done > /dev/console; echo spam-end > /dev/console",
+    )
+    assert r.exit_code == 0
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        data = box.console_log.read_bytes()
+        if b"spam-end" in data and len(data) < 16 << 10:
+            break
+    assert b"spam-end" in data and b"older output dropped" in data and len(data) < 16 << 10

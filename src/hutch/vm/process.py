@@ -29,6 +29,34 @@ logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 QMP_TIMEOUT = 2.0
 
 
+#: The guest writes the serial console; its log is capped so a hostile guest cannot fill the disk.
+CONSOLE_LOG_MAX = 8 << 20
+CONSOLE_LOG_KEEP = 256 << 10
+CONSOLE_CHECK_INTERVAL = 2.0
+
+
+def cap_log(path: Path, max_bytes: int = CONSOLE_LOG_MAX, keep: int = CONSOLE_LOG_KEEP) -> bool:
+    """If ``path`` grew past ``max_bytes``, keep only its last ``keep`` bytes (behind a marker).
+
+    The writer must append (QEMU's ``append=on``), so its next write lands after the kept tail.
+    Returns whether the file was cut.
+    """
+    try:
+        size = path.stat().st_size
+        if size <= max_bytes:
+            return False
+        with path.open("r+b") as f:
+            f.seek(size - keep)
+            kept = f.read(keep)
+            f.seek(0)
+            f.truncate(0)
+            f.write(f"[hutch: log exceeded {max_bytes} bytes; older output dropped]\n".encode())
+            f.write(kept)
+    except OSError:
+        return False
+    return True
+
+
 def tail(path: Path, max_lines: int = 30, max_bytes: int = 16384) -> str:
     """The last lines of a (guest-written, so untrusted) log file, bounded in size."""
     try:
@@ -105,6 +133,12 @@ class QemuProcess:
         console = tail(self.spec.console_log, 25)
         parts.append("console tail:\n" + (console or "(the guest printed nothing)"))
         return "\n".join(parts)
+
+    async def guard_console(self) -> None:
+        """Runs while QEMU runs: keeps the console log under ``CONSOLE_LOG_MAX``."""
+        while self.running:
+            cap_log(self.spec.console_log, CONSOLE_LOG_MAX, CONSOLE_LOG_KEEP)
+            await asyncio.sleep(CONSOLE_CHECK_INTERVAL)
 
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one QMP command (connects for the call; bounded by ``QMP_TIMEOUT``)."""
