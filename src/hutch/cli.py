@@ -1,7 +1,8 @@
 """The ``hutch`` command line.
 
 Exit codes: a command run in a box passes its own exit status through (128+N when killed by signal
-N); hutch's own failures exit 125 (bad usage 2), like ``docker run``.
+N); a command killed for its ``--timeout`` exits 124 (like ``timeout``); hutch's own failures exit
+125 (bad usage 2), like ``docker run``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import json
 import logging
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -26,20 +29,21 @@ from rich.table import Table
 
 from hutch import __version__
 from hutch.box import Box
-from hutch.errors import HutchError
+from hutch.errors import HutchError, TimeoutError
 from hutch.paths import HutchPaths
 from hutch.setup import load_manifest, missing_packages, run_setup
 from hutch.vm.accel import resolve_accel
 
 EXIT_HUTCH_ERROR = 125
+EXIT_TIMEOUT = 124
 err_console = Console(stderr=True, soft_wrap=True)  # never break messages mid-line
 
 
-def _fail(e: HutchError) -> None:
+def _fail(e: HutchError, code: int = EXIT_HUTCH_ERROR) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
     if e.hint:
         err_console.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
-    sys.exit(EXIT_HUTCH_ERROR)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -229,25 +233,57 @@ async def _run(
 
         async def pump(stream: Any, out: Any) -> None:
             async for chunk in stream:
-                out.write(chunk)
-                out.flush()
+                try:
+                    out.write(chunk)
+                    out.flush()
+                except BrokenPipeError:  # our reader went away (`| head`): like SIGPIPE
+                    await execution.kill()
+                    raise _ReaderGone() from None
+                except OSError as e:
+                    await execution.kill()
+                    raise HutchError(f"cannot write the command's output: {e}") from None
 
         async def feed() -> None:
+            # Readiness-driven, not a blocked thread: when the command ends we just cancel this.
+            fd = sys.stdin.fileno()
             loop = asyncio.get_running_loop()
-            while data := await loop.run_in_executor(None, os.read, sys.stdin.fileno(), 65536):
-                await execution.stdin.write(data)
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # files are always "ready" and never block
+                while data := os.read(fd, 65536):
+                    await execution.stdin.write(data)
+            else:
+                ready = asyncio.Event()
+                loop.add_reader(fd, ready.set)
+                try:
+                    while True:
+                        await ready.wait()
+                        ready.clear()
+                        if not (data := os.read(fd, 65536)):
+                            break
+                        await execution.stdin.write(data)
+                finally:
+                    loop.remove_reader(fd)
             await execution.stdin.close()
 
         feeder = asyncio.create_task(feed()) if interactive else None
-        await asyncio.gather(
-            pump(execution.stdout, sys.stdout.buffer), pump(execution.stderr, sys.stderr.buffer)
-        )
+        try:
+            await asyncio.gather(
+                pump(execution.stdout, sys.stdout.buffer), pump(execution.stderr, sys.stderr.buffer)
+            )
+        except _ReaderGone:
+            # Python would complain again when flushing stdout at exit: point it at /dev/null.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
+        finally:
+            if feeder:
+                feeder.cancel()
         result = await execution.wait()
-        if feeder:
-            feeder.cancel()
         if result.signal is not None:
             return 128 + result.signal
         return result.exit_code or 0
+
+
+class _ReaderGone(Exception):
+    """Whoever reads our stdout has gone away."""
 
 
 class _SplitAtDashDash(click.Command):
@@ -325,6 +361,8 @@ def run(
                 show_boot,
             )
         )
+    except TimeoutError as e:  # the command outlived --timeout: exit 124, like timeout(1)
+        _fail(e, EXIT_TIMEOUT)
     except HutchError as e:
         _fail(e)
     except KeyboardInterrupt:

@@ -160,3 +160,19 @@ async def test_vm_dying_under_a_box_fails_it_cleanly(manifest: object) -> None:
         assert (await b.exec("echo", "back")).stdout == "back\n"
     finally:
         await b.remove()
+
+
+def test_cli_timeout_and_closed_reader(manifest: object) -> None:
+    p = hutch_cli("run", "--timeout", "1", "--", "sleep", "30")
+    assert p.returncode == 124 and b"timeout" in p.stderr
+    # `hutch run -- yes | head -c 5`: the reader goes away; hutch stops the command, exit 141
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "hutch"), "run", "--", "yes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.read(4) == b"y\ny\n"
+    proc.stdout.close()
+    assert proc.wait(60) == 128 + 13
+    assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
