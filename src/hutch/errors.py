@@ -1,7 +1,7 @@
 """The one exception tree of hutch.
 
-Every error carries a ``hint``: what the user can do about it. ``http_status`` is the status the
-server (a later issue) maps it to; the table lives here so there is only one.
+Every error carries a ``hint``: what the user can do about it. ``http_status`` (a class attribute,
+the one mapping) is the status the server (a later issue) will send it as.
 """
 
 from __future__ import annotations
@@ -139,30 +139,3 @@ class ExecutionError(HutchError):
         if tail:
             msg += ":\n  " + "\n  ".join(tail)
         super().__init__(msg, hint=hint or "Inspect stdout/stderr on this error.")
-
-
-HTTP_STATUS: dict[type[HutchError], int] = {
-    cls: cls.http_status
-    for cls in (
-        HutchError,
-        ConnectionError,
-        TimeoutError,
-        NotFoundError,
-        ConflictError,
-        InvalidStateError,
-        BadRequestError,
-        ConfigError,
-        UnauthorizedError,
-        ImageError,
-        StorageError,
-        NetworkError,
-        PortalError,
-        EngineError,
-        UnsupportedEngineError,
-        SetupError,
-        ParseError,
-        OutputLimitError,
-        InternalError,
-        ExecutionError,
-    )
-}

@@ -12,7 +12,7 @@ import asyncio
 import builtins
 import contextlib
 import signal as signal_mod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from hutch.errors import ExecutionError, OutputLimitError, PortalError, TimeoutError
@@ -215,7 +215,3 @@ class Execution:
     async def __aexit__(self, *exc: object) -> None:
         if self._result is None and not self._proc.closed:
             await self._kill_quietly()
-
-
-def command_list(cmd: Sequence[str]) -> list[str]:
-    return [str(c) for c in cmd]

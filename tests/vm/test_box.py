@@ -205,3 +205,10 @@ async def test_console_log_is_capped_against_a_chatty_guest(
         if b"spam-end" in data and len(data) < 16 << 10:
             break
     assert b"spam-end" in data and b"older output dropped" in data and len(data) < 16 << 10
+
+
+async def test_output_limit_is_a_typed_error_and_kills(box: hutch.Box) -> None:
+    with pytest.raises(hutch.OutputLimitError, match="100000"):
+        await box.exec("sh", "-c", "head -c 300000 /dev/zero; sleep 30", max_output_bytes=100_000)
+    r = await box.exec("sh", "-c", "ps | grep -c '[s]leep 30' || true")
+    assert r.stdout.strip() == "0"
