@@ -212,3 +212,11 @@ async def test_output_limit_is_a_typed_error_and_kills(box: hutch.Box) -> None:
         await box.exec("sh", "-c", "head -c 300000 /dev/zero; sleep 30", max_output_bytes=100_000)
     r = await box.exec("sh", "-c", "ps | grep -c '[s]leep 30' || true")
     assert r.stdout.strip() == "0"
+
+
+async def test_root_disk_is_the_image_mounted_rw_noatime(box: hutch.Box) -> None:
+    mounts = (await box.exec("cat", "/proc/mounts")).stdout.splitlines()
+    root = next(m.split() for m in mounts if m.split()[1] == "/")
+    assert root[0] == "/dev/vda" and root[2] == "ext4"
+    assert "rw" in root[3].split(",") and "noatime" in root[3].split(",")
+    assert (await box.exec("cat", "/etc/os-release")).stdout.startswith('NAME="hutch busybox"')
