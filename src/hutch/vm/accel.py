@@ -22,6 +22,7 @@ from pathlib import Path
 from hutch.artifacts import hash_inputs
 from hutch.errors import BadRequestError, UnsupportedEngineError
 from hutch.paths import HutchPaths
+from hutch.vm.cmdline import BASE_OPTIONS, MICROVM, accel_options
 
 log = logging.getLogger("hutch.vm")
 
@@ -84,31 +85,11 @@ async def probe_kvm(
     if qemu is None:
         return False, "qemu-system-x86_64 is not installed"
     argv = [
-        qemu,
-        "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-m",
-        "128M",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-no-reboot",
-        "-display",
-        "none",
-        "-kernel",
-        str(kernel),
-        "-initrd",
-        str(initramfs),
-        "-append",
-        "console=ttyS0 reboot=t panic=-1 quiet hutch.probe=1",
-        "-serial",
-        "stdio",
-    ]
+        qemu, "-M", MICROVM, *accel_options("kvm"), "-m", "128M", "-smp", "1", *BASE_OPTIONS,
+        "-kernel", str(kernel), "-initrd", str(initramfs),
+        "-append", "console=ttyS0 reboot=t panic=-1 quiet hutch.probe=1",
+        "-serial", "stdio",
+    ]  # fmt: skip
     setpriv = shutil.which("setpriv")
     if setpriv:
         argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]

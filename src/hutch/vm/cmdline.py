@@ -26,28 +26,35 @@ class VmSpec:
     extra_args: list[str] = field(default_factory=list)
 
 
+#: microvm without ACPI/PCI: QEMU appends virtio_mmio.device=… to the kernel command line itself.
+MICROVM = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off"
+#: Options every hutch QEMU shares (also the KVM probe's): no default devices, no config, exit on reset.
+BASE_OPTIONS = ["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]
+
+
+def accel_options(accel: str) -> list[str]:
+    if accel == "kvm":
+        return ["-accel", "kvm", "-cpu", "host"]
+    # tb-size=16 saves ~12 MiB RSS per VM at the same speed (notes §1).
+    # Without ERMS/FSRM the guest kernel copies with `rep movsq`/unrolled moves instead of
+    # `rep movsb`, which TCG emulates byte by byte: pipe and portal throughput 2-3x higher
+    # (bench/exec.py: ~35 → ~90 MB/s guest→host).
+    return ["-accel", "tcg,tb-size=16", "-cpu", "max,-erms,-fsrm"]
+
+
 def qemu_command(spec: VmSpec, binary: str = QEMU_BINARY) -> list[str]:
-    if spec.accel == "kvm":
-        accel = ["-accel", "kvm", "-cpu", "host"]
-    else:
-        # tb-size=16 saves ~12 MiB RSS per VM at the same speed (notes §1).
-        # Without ERMS/FSRM the guest kernel copies with `rep movsq`/unrolled moves instead of
-        # `rep movsb`, which TCG emulates byte by byte: pipe and portal throughput 2-3x higher
-        # (bench/exec.py: ~35 → ~90 MB/s guest→host).
-        accel = ["-accel", "tcg,tb-size=16", "-cpu", "max,-erms,-fsrm"]
     mem = f"{spec.memory_mib}M"
     # One option and its value per line:
     # fmt: off
     return [
         binary,
-        # microvm without ACPI/PCI: QEMU appends virtio_mmio.device=… to the kernel command line.
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=ram0",
-        *accel,
+        "-M", f"{MICROVM},memory-backend=ram0",
+        *accel_options(spec.accel),
         "-smp", str(spec.cpus),
         "-m", mem,
         # Guest RAM in a file, shared, so a running box can later be snapshotted and cloned.
         "-object", f"memory-backend-file,id=ram0,size={mem},mem-path={spec.ram_file},share=on",
-        "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+        *BASE_OPTIONS,
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initramfs),
