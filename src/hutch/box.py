@@ -30,6 +30,7 @@ from hutch.errors import (
     InvalidStateError,
     NotFoundError,
     PortalError,
+    StorageError,
     TimeoutError,
 )
 from hutch.execution import DEFAULT_MAX_OUTPUT, ExecResult, Execution
@@ -214,13 +215,16 @@ class Box:
         # The probe itself logs a warning when it falls back to TCG; later boxes just note it.
         log.info("box %s: accelerator %s (%s)", self.id, verdict.accel, verdict.reason)
         sweep_stale_run_dirs(self.paths)
-        self.box_dir.mkdir(parents=True, exist_ok=True)
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (self.run_dir / "owner").write_text(str(os.getpid()))
         disk = self.box_dir / "disk.qcow2"
+        try:
+            self.box_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (self.run_dir / "owner").write_text(str(os.getpid()))
+            self.console_log.write_bytes(b"")
+        except OSError as e:
+            raise storage_error(Path(e.filename or self.box_dir), e) from e
         if not disk.exists():
             await _create_overlay(base, disk)
-        self.console_log.write_bytes(b"")
         spec = VmSpec(
             kernel=manifest.kernel_path,
             initramfs=manifest.initramfs_path,
@@ -452,6 +456,22 @@ class Box:
         return await self._require_channel().ping()
 
 
+def storage_error(where: Path, e: OSError | str) -> StorageError:
+    """A StorageError naming the path and the free space of its filesystem."""
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"; {shutil.disk_usage(probe).free / 2**20:.0f} MiB free on {probe}"
+    except OSError:
+        free = ""
+    reason = e.strerror or str(e) if isinstance(e, OSError) else e
+    return StorageError(
+        f"cannot write {where}: {reason}{free}",
+        hint="Free some space or fix the permissions there, or set HUTCH_HOME to another folder.",
+    )
+
+
 async def _create_overlay(base: Path, disk: Path) -> None:
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
@@ -474,6 +494,4 @@ async def _create_overlay(base: Path, disk: Path) -> None:
     )
     _, err = await proc.communicate()
     if proc.returncode != 0:
-        raise EngineError(
-            f"qemu-img could not create the disk overlay {disk}: {err.decode().strip()}"
-        )
+        raise storage_error(disk, f"qemu-img create failed: {err.decode(errors='replace').strip()}")

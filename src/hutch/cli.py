@@ -31,7 +31,7 @@ from hutch import __version__
 from hutch.box import Box
 from hutch.errors import HutchError, TimeoutError
 from hutch.paths import HutchPaths
-from hutch.setup import load_manifest, missing_packages, run_setup
+from hutch.setup import load_manifest, missing_packages, outdated_artifacts, run_setup
 from hutch.vm.accel import resolve_accel
 
 EXIT_HUTCH_ERROR = 125
@@ -148,6 +148,16 @@ def doctor(as_json: bool, reprobe: bool) -> None:
             _check(rows, label, True, f"{p} {p.stat().st_size / 1e6:.1f} MB{extra}")
         for name, img in manifest.images.items():
             _check(rows, f"image {name}", True, img)
+        stale = outdated_artifacts(paths, manifest)
+        _check(
+            rows,
+            "up to date",
+            not stale,
+            "artifacts match this hutch's sources"
+            if not stale
+            else f"built from older sources: {', '.join(stale)}",
+            "hutch setup (rebuilds what changed)",
+        )
         try:
             verdict = asyncio.run(
                 resolve_accel(

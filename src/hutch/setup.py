@@ -19,8 +19,8 @@ from hutch.artifacts import ProgressFn, artifact_path, build_cached, hash_inputs
 from hutch.errors import SetupError
 from hutch.guest.agent import AGENT_SOURCES, build_agent
 from hutch.guest.initramfs import initramfs_key, write_initramfs
-from hutch.guest.kernel import ensure_kernel
-from hutch.images.builtin import ensure_busybox_image
+from hutch.guest.kernel import ensure_kernel, kernel_key
+from hutch.images.builtin import busybox_image_key, ensure_busybox_image
 from hutch.paths import HutchPaths
 
 #: Debian packages hutch needs on the host (runtime and the builds of `hutch setup`).
@@ -175,6 +175,27 @@ def run_setup(
     return manifest
 
 
+def outdated_artifacts(paths: HutchPaths, manifest: Manifest) -> list[str]:
+    """Names of the manifest's artifacts that no longer match their sources (hutch was upgraded,
+    or the kernel config changed, since the last `hutch setup`). Hashes sources: for doctor,
+    not for the boot path."""
+    agent_key = hash_inputs(AGENT_SOURCES)
+    expected = {
+        "agent": artifact_path(paths, "agent", agent_key) / "hutch-agent",
+        "initramfs": artifact_path(paths, "initramfs", initramfs_key(agent_key)) / "initramfs.cpio",
+        "image busybox": artifact_path(paths, "image-busybox", busybox_image_key()) / "rootfs.ext4",
+    }
+    have = {
+        "agent": manifest.agent,
+        "initramfs": manifest.initramfs,
+        "image busybox": manifest.images.get("busybox", ""),
+    }
+    if manifest.kernel_source == "built":
+        expected["kernel"] = artifact_path(paths, "kernel", kernel_key()) / "vmlinux"
+        have["kernel"] = manifest.kernel
+    return [name for name, path in expected.items() if Path(have[name]) != path]
+
+
 def load_manifest(paths: HutchPaths) -> Manifest:
     """The manifest written by the last `hutch setup`; SetupError if there is none or it is stale."""
     f = paths.artifacts / MANIFEST
@@ -197,8 +218,8 @@ def load_manifest(paths: HutchPaths) -> Manifest:
 __all__ = [
     "REQUIRED_PACKAGES",
     "Manifest",
-    "artifact_path",
     "load_manifest",
     "missing_packages",
+    "outdated_artifacts",
     "run_setup",
 ]

@@ -124,3 +124,17 @@ async def test_exit_with_both_code_and_signal_is_rejected() -> None:
     )
     with pytest.raises(PortalError, match="exactly one"):
         await asyncio.wait_for(stream.exited, 2)
+
+
+async def test_oversized_requests_are_bad_requests_not_portal_errors() -> None:
+    from hutch.errors import BadRequestError
+
+    ch, _gr, gw = await pair()
+    gw.write(hello())
+    await ch.wait_hello()
+    with pytest.raises(BadRequestError, match="limit"):
+        await ch.spawn(SpawnRequest(["echo", "x" * (2 << 20)]))
+    with pytest.raises(BadRequestError, match="4096"):
+        await ch.spawn(SpawnRequest(["true"] * 5000))
+    assert not ch.is_closed  # the channel is still usable
+    await ch.close()

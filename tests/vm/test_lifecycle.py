@@ -176,3 +176,20 @@ def test_cli_timeout_and_closed_reader(manifest: object) -> None:
     proc.stdout.close()
     assert proc.wait(60) == 128 + 13
     assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
+
+
+async def test_unwritable_home_is_a_storage_error_with_path_and_free_space(
+    manifest: object, tmp_path: Path
+) -> None:
+    from hutch.paths import HutchPaths
+
+    home = tmp_path / "home"
+    (home / "artifacts").mkdir(parents=True)
+    src = HutchPaths.default().artifacts / "manifest.json"
+    (home / "artifacts" / "manifest.json").write_bytes(src.read_bytes())
+    (home / "boxes").write_text("not a folder")  # boxes/<id> cannot be created
+    box = hutch.Box("busybox", home=home, accel="tcg")
+    with pytest.raises(hutch.StorageError, match="MiB free") as ei:
+        await box.start()
+    assert str(home / "boxes") in ei.value.message and "HUTCH_HOME" in ei.value.hint
+    assert box.state == "failed" and box.qemu_pid is None

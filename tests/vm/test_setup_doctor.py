@@ -81,3 +81,15 @@ async def test_accel_kvm_on_a_host_without_working_kvm_is_a_clear_error(manifest
     await box.remove()
     with pytest.raises(hutch.BadRequestError, match="accel"):
         await hutch.Box("busybox", accel="hvf").start()
+
+
+def test_doctor_spots_artifacts_built_from_older_sources(manifest: Manifest) -> None:
+    import dataclasses
+
+    from hutch.paths import HutchPaths
+    from hutch.setup import outdated_artifacts
+
+    paths = HutchPaths.default()
+    assert outdated_artifacts(paths, manifest) == []
+    old = dataclasses.replace(manifest, agent="/old/agent-0123/hutch-agent")
+    assert outdated_artifacts(paths, old) == ["agent"]

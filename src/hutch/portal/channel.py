@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from hutch.errors import BadRequestError, HutchError, NotFoundError, PortalError
 from hutch.portal.codec import (
     INITIAL_WINDOW,
+    MAX_ARGS,
     MAX_DATA,
+    MAX_PAYLOAD,
     MAX_PING,
     PROTOCOL_VERSION,
     Fields,
@@ -396,11 +398,22 @@ class PortalChannel:
         self._check_open()
         if not request.argv:
             raise BadRequestError("a command needs at least one argument (the program)")
+        if len(request.argv) > MAX_ARGS or len(request.env) > MAX_ARGS:
+            raise BadRequestError(
+                f"at most {MAX_ARGS} arguments and {MAX_ARGS} environment variables per command"
+            )
+        payload = request.encode()
+        if len(payload) > MAX_PAYLOAD:
+            raise BadRequestError(
+                f"command line and environment take {len(payload)} bytes; the limit is "
+                f"{MAX_PAYLOAD}",
+                hint="Pass large data through stdin or a file instead of arguments.",
+            )
         stream_id = self._next_id
         self._next_id += 1
         stream = ProcessStream(self, stream_id, request.argv)
         self._streams[stream_id] = stream
-        await self._send(Frame(MsgType.SPAWN, stream_id, request.encode()))
+        await self._send(Frame(MsgType.SPAWN, stream_id, payload))
         return stream
 
     async def ping(self, payload: bytes | None = None) -> float:

@@ -23,6 +23,8 @@ MAX_PAYLOAD = 1 << 20
 MAX_DATA = 64 << 10
 INITIAL_WINDOW = 1 << 20
 MAX_PING = 64
+#: Most ARG (and, separately, ENV) entries one SPAWN may carry (the agent's limit too).
+MAX_ARGS = 4096
 
 
 class MsgType(IntEnum):
