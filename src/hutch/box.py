@@ -47,6 +47,8 @@ log = logging.getLogger("hutch")
 DEFAULT_BOOT_TIMEOUT = 30.0
 SPAWN_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 5.0
+#: Deadline for small control messages (shutdown request, ping) to a possibly hung guest.
+CONTROL_TIMEOUT = 5.0
 
 
 def new_box_id() -> str:
@@ -327,8 +329,9 @@ class Box:
         self.state = "stopping"
         try:
             if self._channel is not None and self._qemu is not None and self._qemu.running:
-                with contextlib.suppress(PortalError):
-                    await self._channel.shutdown()
+                # Bounded: a hung guest that stopped reading must not hang stop() on a full socket.
+                with contextlib.suppress(PortalError, builtins.TimeoutError):
+                    await asyncio.wait_for(self._channel.shutdown(), CONTROL_TIMEOUT)
                 if await self._qemu.wait(SHUTDOWN_GRACE) is None:
                     log.warning("box %s: guest did not power off in time; stopping QEMU", self.id)
         finally:
@@ -451,9 +454,16 @@ class Box:
                 with contextlib.suppress(asyncio.CancelledError, HutchError):
                     await feeder
 
-    async def ping(self) -> float:
-        """Round trip to the guest agent, in seconds."""
-        return await self._require_channel().ping()
+    async def ping(self, timeout: float = CONTROL_TIMEOUT) -> float:
+        """Round trip to the guest agent, in seconds; TimeoutError if it does not answer."""
+        channel = self._require_channel()
+        try:
+            return await asyncio.wait_for(channel.ping(), timeout)
+        except builtins.TimeoutError:
+            raise TimeoutError(
+                f"box {self.id}: the agent did not answer a ping within {timeout:g} s",
+                hint="The guest may be overloaded or hung; see the console log.",
+            ) from None
 
 
 def storage_error(where: Path, e: OSError | str) -> StorageError:

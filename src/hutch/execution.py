@@ -206,8 +206,9 @@ class Execution:
         return out, err, info
 
     async def _kill_quietly(self) -> None:
-        with contextlib.suppress(PortalError):
-            await self.kill()
+        # Bounded: the kill must not hang on a guest that stopped reading the portal.
+        with contextlib.suppress(PortalError, builtins.TimeoutError):
+            await asyncio.wait_for(self.kill(), 5.0)
 
     async def __aenter__(self) -> Execution:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -193,3 +194,21 @@ async def test_unwritable_home_is_a_storage_error_with_path_and_free_space(
         await box.start()
     assert str(home / "boxes") in ei.value.message and "HUTCH_HOME" in ei.value.hint
     assert box.state == "failed" and box.qemu_pid is None
+
+
+async def test_frozen_vm_neither_hangs_ping_nor_stop(manifest: object) -> None:
+    b = hutch.Box("busybox")
+    await b.start()
+    pid = b.qemu_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # the whole VM freezes: no guest, no QMP
+    try:
+        with pytest.raises(hutch.TimeoutError, match="ping"):
+            await b.ping(timeout=1.0)
+        t0 = time.monotonic()
+        await b.remove()  # SHUTDOWN unanswered → QMP unanswered → SIGTERM pending → SIGKILL
+        assert time.monotonic() - t0 < 30
+        assert wait_gone(pid, 5.0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
