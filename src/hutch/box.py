@@ -30,7 +30,6 @@ from hutch.errors import (
     InvalidStateError,
     NotFoundError,
     PortalError,
-    StorageError,
     TimeoutError,
 )
 from hutch.execution import DEFAULT_MAX_OUTPUT, ExecResult, Execution
@@ -40,6 +39,7 @@ from hutch.portal import Hello, PortalChannel, SpawnRequest
 from hutch.setup import load_manifest
 from hutch.vm.accel import ACCELS, resolve_accel
 from hutch.vm.cmdline import VmSpec
+from hutch.vm.disk import create_overlay, storage_error
 from hutch.vm.process import QemuProcess
 
 log = logging.getLogger("hutch")
@@ -226,7 +226,7 @@ class Box:
         except OSError as e:
             raise storage_error(Path(e.filename or self.box_dir), e) from e
         if not disk.exists():
-            await _create_overlay(base, disk)
+            await create_overlay(base, disk)
         spec = VmSpec(
             kernel=manifest.kernel_path,
             initramfs=manifest.initramfs_path,
@@ -464,44 +464,3 @@ class Box:
                 f"box {self.id}: the agent did not answer a ping within {timeout:g} s",
                 hint="The guest may be overloaded or hung; see the console log.",
             ) from None
-
-
-def storage_error(where: Path, e: OSError | str) -> StorageError:
-    """A StorageError naming the path and the free space of its filesystem."""
-    probe = where
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = f"; {shutil.disk_usage(probe).free / 2**20:.0f} MiB free on {probe}"
-    except OSError:
-        free = ""
-    reason = e.strerror or str(e) if isinstance(e, OSError) else e
-    return StorageError(
-        f"cannot write {where}: {reason}{free}",
-        hint="Free some space or fix the permissions there, or set HUTCH_HOME to another folder.",
-    )
-
-
-async def _create_overlay(base: Path, disk: Path) -> None:
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise EngineError(
-            "qemu-img is not installed", hint="Run `hutch setup` (installs qemu-utils)."
-        )
-    proc = await asyncio.create_subprocess_exec(
-        qemu_img,
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        str(base.absolute()),
-        "-F",
-        "raw",
-        str(disk),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise storage_error(disk, f"qemu-img create failed: {err.decode(errors='replace').strip()}")

@@ -22,6 +22,7 @@ from hutch.guest.initramfs import initramfs_key, write_initramfs
 from hutch.guest.kernel import ensure_kernel, kernel_key
 from hutch.images.builtin import busybox_image_key, ensure_busybox_image
 from hutch.paths import HutchPaths
+from hutch.vm.disk import ensure_overlay_template
 
 #: Debian packages hutch needs on the host (runtime and the builds of `hutch setup`).
 REQUIRED_PACKAGES = [
@@ -162,6 +163,7 @@ def run_setup(
         vmlinux, source = ensure_kernel(paths, progress), "built"
     agent, initramfs = _agent_and_initramfs(paths, progress)
     busybox = ensure_busybox_image(paths, progress)
+    ensure_overlay_template(busybox)
     manifest = Manifest(
         kernel=str(vmlinux),
         initramfs=str(initramfs),
