@@ -8,7 +8,6 @@ N); a command killed for its ``--timeout`` exits 124 (like ``timeout``); hutch's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -384,11 +383,6 @@ def run(
 def version() -> None:
     """Print hutch's version."""
     click.echo(__version__)
-
-
-def entry() -> None:  # pragma: no cover
-    with contextlib.suppress(BrokenPipeError):
-        main()
 
 
 if __name__ == "__main__":  # pragma: no cover
