@@ -63,7 +63,9 @@ def qemu_command(spec: VmSpec, binary: str = QEMU_BINARY) -> list[str]:
         # truncating it while QEMU runs (vm.process.cap_log).
         "-chardev", f"file,id=console,path={spec.console_log},append=on",
         "-serial", "chardev:console",
-        "-device", "virtio-serial-device",
+        # max_ports=2 (port 0 is reserved for a console): the guest driver then sets up 4
+        # virtqueues instead of 64, halving virtio_console_init (~31 → ~17 ms under TCG).
+        "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=portal,path={spec.portal_socket},server=on,wait=off",
         "-device", "virtserialport,chardev=portal,name=hutch.portal",
         "-drive", f"file={spec.root_disk},if=none,id=root,format=qcow2,discard=unmap",
