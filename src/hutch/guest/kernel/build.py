@@ -39,9 +39,21 @@ _HERE = Path(__file__).resolve().parent
 FRAGMENT = _HERE / "microvm.config"
 PATCH = _HERE / "lapic-timer-period.patch"
 
-#: QEMU's emulated local APIC (TCG, and KVM's in-kernel one) counts at 1 GHz; the kernel is built
-#: with HZ=100, so one jiffy is 10^7 bus clocks. Used by the ``lapic_timer_period=`` patch.
-LAPIC_TIMER_PERIOD = 10_000_000
+
+def _fragment_hz() -> int:
+    """The kernel's tick rate, read from the fragment (``CONFIG_HZ_<n>=y``) so the two cannot
+    disagree."""
+    m = re.search(r"^CONFIG_HZ_(\d+)=y$", FRAGMENT.read_text(), re.M)
+    if m is None:
+        raise SetupError(f"{FRAGMENT} must select a tick rate (a CONFIG_HZ_<n>=y line)")
+    return int(m.group(1))
+
+
+HZ = _fragment_hz()
+#: QEMU's emulated local APIC (TCG, and KVM's in-kernel one) counts at 1 GHz, so one jiffy is
+#: 10^9 / HZ bus clocks. Used by the ``lapic_timer_period=`` patch; a wrong value would make every
+#: kernel timer fire early or late.
+LAPIC_TIMER_PERIOD = 1_000_000_000 // HZ
 
 #: Parameters that keep a TCG boot fast and robust (field notes §2). ``tsc_early_khz`` is added by
 #: :func:`kernel_cmdline` from the host's TSC frequency.
