@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 HUTCH  := $(VENV)/bin/hutch
 PYTEST_ARGS ?=
 
-.PHONY: venv setup demo test lint check bench clean-venv
+.PHONY: venv setup demo test test-deps bench-deps install-packages lint check bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -26,7 +26,27 @@ setup: venv
 demo: setup
 	$(PY) examples/demo.py
 
-test: setup
+# Test-only Debian packages: the real registry the image tests push to and pull from.
+TEST_PACKAGES := docker-registry
+
+# Bench-only: the baseline bench/images.py compares against.
+BENCH_PACKAGES := $(TEST_PACKAGES) skopeo
+
+test-deps:
+	@$(MAKE) --no-print-directory install-packages PACKAGES="$(TEST_PACKAGES)"
+
+bench-deps:
+	@$(MAKE) --no-print-directory install-packages PACKAGES="$(BENCH_PACKAGES)"
+
+install-packages:
+	@missing=$$(for p in $(PACKAGES); do dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" -ne 0 ]; then echo "missing test packages: $$missing (sudo apt-get install $$missing)" >&2; exit 1; fi; \
+	  echo "installing test packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: setup test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -35,9 +55,10 @@ lint: venv
 
 check: lint test
 
-bench: setup
+bench: setup bench-deps
 	$(PY) bench/boot.py
 	$(PY) bench/exec.py
+	$(PY) bench/images.py
 
 clean-venv:
 	rm -rf $(VENV)

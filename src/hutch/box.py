@@ -28,15 +28,16 @@ from hutch.errors import (
     EngineError,
     HutchError,
     InvalidStateError,
-    NotFoundError,
     PortalError,
     TimeoutError,
 )
 from hutch.execution import DEFAULT_MAX_OUTPUT, ExecResult, Execution
 from hutch.guest.kernel import kernel_cmdline
+from hutch.images.pull import ensure_image
+from hutch.images.store import BOX_IMAGE_FILE, ImageRecord
 from hutch.paths import HutchPaths
 from hutch.portal import Hello, PortalChannel, SpawnRequest
-from hutch.setup import load_manifest
+from hutch.setup import Manifest, load_manifest
 from hutch.vm.accel import ACCELS, resolve_accel
 from hutch.vm.cmdline import VmSpec
 from hutch.vm.disk import create_overlay, storage_error
@@ -152,6 +153,10 @@ class Box:
         self.state = "created"
         self.hello: Hello | None = None
         self.boot_ms: float | None = None
+        #: The stored image the box runs (set by start(); its config supplies exec defaults).
+        self.image_record: ImageRecord | None = None
+        #: Milliseconds start() spent resolving (or pulling) the image.
+        self.image_ms: float | None = None
         #: Why a running box turned ``failed`` (set by the watcher), else None.
         self.failure: HutchError | None = None
         self._qemu: QemuProcess | None = None
@@ -193,23 +198,23 @@ class Box:
         self.state = "starting"
         self.failure = None
         t0 = time.monotonic()
-        deadline = t0 + self.boot_timeout
         try:
-            await self._boot(t0, deadline)
+            # The image first (a pull can take minutes: it has its own deadlines and progress),
+            # then the boot under boot_timeout.
+            manifest = load_manifest(self.paths)
+            self.image_record = record = await ensure_image(self.image, paths=self.paths)
+            self.image_ms = (time.monotonic() - t0) * 1000.0
+            await self._boot(manifest, record, t0, time.monotonic() + self.boot_timeout)
         except BaseException:
             self.state = "failed"
             await self._teardown()
             raise
         self.state = "running"
 
-    async def _boot(self, t0: float, deadline: float) -> None:
-        manifest = load_manifest(self.paths)
-        base = manifest.image_path(self.image)
-        if base is None:
-            raise NotFoundError(
-                f"image {self.image!r} is not in the local store",
-                hint=f"Built-in images: {', '.join(sorted(manifest.images))}.",
-            )
+    async def _boot(
+        self, manifest: Manifest, record: ImageRecord, t0: float, deadline: float
+    ) -> None:
+        base = record.base_path
         verdict = await resolve_accel(
             self.accel_requested, self.paths, manifest.kernel_path, manifest.initramfs_path
         )
@@ -222,6 +227,7 @@ class Box:
             self.box_dir.mkdir(parents=True, exist_ok=True)
             self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.run_dir / "owner").write_text(str(os.getpid()))
+            (self.box_dir / BOX_IMAGE_FILE).write_text(record.id)
             self.console_log.write_bytes(b"")
         except OSError as e:
             raise storage_error(Path(e.filename or self.box_dir), e) from e
@@ -379,6 +385,17 @@ class Box:
             )
         return self._channel
 
+    def default_command(self) -> list[str]:
+        """The image's Entrypoint + Cmd (what ``exec()`` with no command runs)."""
+        config = self.image_record.config if self.image_record else None
+        argv = [*config.entrypoint, *config.cmd] if config else []
+        if not argv:
+            raise BadRequestError(
+                f"image {self.image!r} defines no Entrypoint or Cmd",
+                hint="Pass the command to run, e.g. exec('sh', '-c', '…').",
+            )
+        return argv
+
     async def spawn(
         self,
         *cmd: str | Sequence[str],
@@ -391,12 +408,22 @@ class Box:
     ) -> Execution:
         """Start a process; stream its output with ``async for chunk in execution.stdout``.
 
+        With no command, runs the image's Entrypoint + Cmd. The image's Env, WorkingDir and User
+        apply unless ``env`` (merged over the image's), ``cwd`` or ``user`` say otherwise.
+
         ``timeout`` (seconds) is enforced in the guest: the process group is killed when it
         expires and :meth:`Execution.wait` raises :class:`~hutch.errors.TimeoutError`.
         With ``stdin=False`` the process reads ``/dev/null``.
         """
         channel = self._require_channel()
+        config = self.image_record.config if self.image_record else None
+        if not cmd and config is not None:
+            cmd = tuple(self.default_command())
         argv = _argv(cmd)
+        if config is not None:  # the image's Env, WorkingDir and User are the defaults
+            env = {**dict(config.env), **(env or {})}
+            cwd = cwd if cwd is not None else (config.working_dir or None)
+            user = user if user is not None else (config.user or None)
         if timeout is not None and not 0 < timeout <= 86400 * 7:
             raise BadRequestError(f"timeout must be between 0 and one week, not {timeout}")
         request = SpawnRequest(

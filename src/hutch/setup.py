@@ -20,7 +20,7 @@ from hutch.errors import SetupError
 from hutch.guest.agent import AGENT_SOURCES, build_agent
 from hutch.guest.initramfs import initramfs_key, write_initramfs
 from hutch.guest.kernel import ensure_kernel, kernel_key
-from hutch.images.builtin import busybox_image_key, ensure_busybox_image
+from hutch.images.builtin import busybox_image_key, ensure_busybox_image, register_busybox
 from hutch.paths import HutchPaths
 from hutch.vm.disk import ensure_overlay_template
 
@@ -44,6 +44,8 @@ REQUIRED_PACKAGES = [
     "xz-utils",
     "patch",
     "util-linux",
+    "mmdebstrap",  # the built-in debian-python image
+    "tar",
 ]
 
 MANIFEST = "manifest.json"
@@ -164,6 +166,7 @@ def run_setup(
     agent, initramfs = _agent_and_initramfs(paths, progress)
     busybox = ensure_busybox_image(paths, progress)
     ensure_overlay_template(busybox)
+    register_busybox(paths, busybox)
     manifest = Manifest(
         kernel=str(vmlinux),
         initramfs=str(initramfs),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from hutch.artifacts import ProgressFn, build_cached, hash_inputs
 from hutch.errors import SetupError
+from hutch.images.rootfs import MKFS_OPTIONS
 from hutch.paths import HutchPaths
 
 #: Bump when the tree or the mkfs options below change.
@@ -40,30 +41,8 @@ IMAGE_SIZE = 2 << 30
 HUTCH_UID = 1000
 HUTCH_GID = 1000
 
-# mkfs.ext4 options:
-#  -J size=16: a small journal rather than none. Boxes write to this filesystem (through their
-#     overlay) and may be killed or snapshotted at any moment; a journal keeps them mountable
-#     without an fsck. 16 MiB is allocated once, in the shared base, instead of the default
-#     64 MiB; the journal's writes land in each box's overlay, which is fine at this size.
-#  -E lazy_itable_init=0,lazy_journal_init=0: do all initialisation now. Otherwise each guest's
-#     kernel starts ext4lazyinit on first mount, zeroing inode tables in the background: CPU time
-#     under TCG and megabytes written into every box's overlay. (mke2fs zeroes with
-#     fallocate/punch, so the file stays sparse.)
-#  -E root_owner=0:0 -L hutch-root -m 0 (no reserved blocks: the disk belongs to one sandbox).
-_MKFS_OPTIONS = (
-    "-q",
-    "-F",
-    "-t",
-    "ext4",
-    "-L",
-    "hutch-root",
-    "-J",
-    "size=16",
-    "-m",
-    "0",
-    "-E",
-    "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0",
-)
+# mkfs.ext4 options: shared with every base disk (explained in hutch.images.rootfs).
+_MKFS_OPTIONS = MKFS_OPTIONS
 
 # (path, mode) of the directories of the tree, all root-owned except /home/hutch.
 _DIRS: tuple[tuple[str, int], ...] = (
@@ -291,3 +270,36 @@ def _check_owner(image: Path, path: str, uid: int, gid: int) -> None:
             f"{path} in {image} is owned by {got_uid}:{got_gid}, expected {uid}:{gid}",
             hint="fakeroot did not take effect; check that `fakeroot id -u` prints 0.",
         )
+
+
+def register_busybox(paths: HutchPaths, base: Path) -> None:
+    """Name the built-in base disk ``busybox`` in the image store (unless the user pulled or loaded
+    another image under that name, which then wins, as a local tag does in Docker)."""
+    from hutch.images.oci import Platform, sha256_digest
+    from hutch.images.sources import rootfs_config
+    from hutch.images.store import ImageRecord, ImageStore
+
+    store = ImageStore(paths)
+    ref = "docker.io/library/busybox:latest"
+    config_bytes = rootfs_config("sha256:" + busybox_image_key(), cmd=("/bin/sh",))
+    image_id = sha256_digest(config_bytes)
+    current = store.lookup(ref)
+    if current is not None and current.source != "builtin":
+        return
+    if current is not None and current.id == image_id and current.base == str(base):
+        return
+    from hutch.images.oci import ImageConfig
+
+    record = ImageRecord(
+        id=image_id,
+        references=(ref,),
+        source="builtin",
+        platform=str(Platform.host()),
+        base=str(base),
+        base_size=IMAGE_SIZE,
+        config=ImageConfig.parse(config_bytes),
+        allocated=base.stat().st_blocks * 512,
+        recipe=RECIPE_VERSION,
+    )
+    with store.locked():
+        store.add(record, base_file=None, files={"config.json": config_bytes})

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from hutch import __version__
 from hutch.box import Box
-from hutch.errors import HutchError, TimeoutError
+from hutch.errors import BadRequestError, HutchError, TimeoutError
 from hutch.paths import HutchPaths
 from hutch.setup import load_manifest, missing_packages, outdated_artifacts, run_setup
 from hutch.vm.accel import resolve_accel
@@ -63,7 +63,10 @@ def main(verbose: int) -> None:
     "--kernel", type=click.Path(path_type=Path), help="Use this vmlinux instead of building one."
 )
 @click.option("--no-install", is_flag=True, help="Never run apt-get; fail if packages are missing.")
-def setup(kernel: Path | None, no_install: bool) -> None:
+@click.option(
+    "--debian", is_flag=True, help="Also build the debian-python image now (else on first use)."
+)
+def setup(kernel: Path | None, no_install: bool, debian: bool) -> None:
     """Install packages and build the guest kernel, agent, initramfs and built-in image (cached)."""
     paths = HutchPaths.default()
     t0 = time.monotonic()
@@ -83,6 +86,12 @@ def setup(kernel: Path | None, no_install: bool) -> None:
 
         try:
             manifest = run_setup(paths, progress, kernel=kernel, install=not no_install)
+            if debian:
+                from hutch.images.debian import NAME, build_debian_python
+                from hutch.images.store import ImageStore
+
+                if ImageStore(paths).lookup(NAME) is None:
+                    build_debian_python(paths, progress=lambda ev: progress(ev.message))
         except HutchError as e:
             status.stop()
             _fail(e)
@@ -232,12 +241,32 @@ async def _run(
     memory: int,
     accel: str,
     show_boot: bool,
+    entrypoint: str | None,
 ) -> int:
+    from hutch.cli.images import PullDisplay
+    from hutch.images.pull import ensure_image
+
+    with PullDisplay() as show:  # pulls (with progress) only when the image is not here
+        await ensure_image(image, paths=HutchPaths.default(), progress=show)
     async with Box(image, cpus=cpus, memory_mib=memory, accel=accel) as box:
         if show_boot:
             err_console.print(f"[dim]booted {box.id} in {box.boot_ms:.0f} ms ({box.accel})[/]")
+        # Like `docker run`: the image's Entrypoint stays and CMD replaces its Cmd;
+        # --entrypoint replaces the Entrypoint and drops the image's Cmd.
+        config = box.image_record.config if box.image_record else None
+        if entrypoint is not None:
+            entry, default_cmd = ([entrypoint] if entrypoint else []), []
+        else:
+            entry = list(config.entrypoint) if config else []
+            default_cmd = list(config.cmd) if config else []
+        argv = entry + (cmd or default_cmd)
+        if not argv:
+            raise BadRequestError(
+                f"image {image!r} has no default command",
+                hint="Give one: hutch run IMAGE -- CMD [ARG...]",
+            )
         execution = await box.spawn(
-            cmd, env=env, cwd=workdir, user=user, timeout=timeout, stdin=interactive
+            argv, env=env, cwd=workdir, user=user, timeout=timeout, stdin=interactive
         )
 
         async def pump(stream: Any, out: Any) -> None:
@@ -328,6 +357,7 @@ class _SplitAtDashDash(click.Command):
     "--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True
 )
 @click.option("--show-boot", is_flag=True, help="Print the boot time to stderr.")
+@click.option("--entrypoint", help="Override the image's Entrypoint ('' clears it).")
 def run(
     ctx: click.Context,
     args: tuple[str, ...],
@@ -340,19 +370,25 @@ def run(
     memory: int,
     accel: str,
     show_boot: bool,
+    entrypoint: str | None,
 ) -> None:
     """Boot a box from IMAGE (default: busybox), run CMD in it, remove the box.
+
+    Without CMD, runs the image's default command (Entrypoint + Cmd); with CMD, the image's
+    Entrypoint (if any) is kept and CMD replaces its Cmd, like `docker run`. The image is pulled
+    first when it is not in the local store.
 
     \b
     hutch run -- uname -a
     hutch run busybox -- sh -c 'echo out; echo err >&2; exit 7'
+    hutch run debian-python -- python3 -c 'print(6 * 7)'
     """
     if "hutch_cmd" in ctx.meta:
         image_part, cmd = list(args), list(ctx.meta["hutch_cmd"])
     else:
         image_part, cmd = list(args[:1]), list(args[1:])
-    if len(image_part) > 1 or not cmd:
-        raise click.UsageError("usage: hutch run [OPTIONS] [IMAGE] -- CMD [ARG...]")
+    if len(image_part) > 1:
+        raise click.UsageError("usage: hutch run [OPTIONS] [IMAGE] [-- CMD [ARG...]]")
     image = image_part[0] if image_part else "busybox"
     try:
         code = asyncio.run(
@@ -368,6 +404,7 @@ def run(
                 memory,
                 accel,
                 show_boot,
+                entrypoint,
             )
         )
     except TimeoutError as e:  # the command outlived --timeout: exit 124, like timeout(1)
@@ -384,6 +421,10 @@ def version() -> None:
     """Print hutch's version."""
     click.echo(__version__)
 
+
+from hutch.cli import images as _images  # noqa: E402  (registers the image commands)
+
+__all__ = ["_images", "err_console", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()
