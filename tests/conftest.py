@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+# the real docker-registry fixtures (tests/support/fixtures.py), for every test folder
+from tests.support.fixtures import fresh_registry, registry, tls_registry  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 
 

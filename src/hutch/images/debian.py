@@ -9,6 +9,7 @@ Built on request (``hutch setup --debian``) or on first use (``Box("debian-pytho
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -37,7 +38,6 @@ def build_debian_python(
     paths: HutchPaths, *, progress: ProgressCallback = _quiet, store: ImageStore | None = None
 ) -> ImageRecord:
     """Bootstrap the image with mmdebstrap and register it as ``debian-python``."""
-    from hutch.images.sources import load
 
     if shutil.which("mmdebstrap") is None:
         raise SetupError(
@@ -46,6 +46,21 @@ def build_debian_python(
         )
     store = store or ImageStore(paths)
     paths.build.mkdir(parents=True, exist_ok=True)
+    # One bootstrap at a time per home: a second first-use waits and then finds the image.
+    lock_fd = os.open(paths.build / "debian-python.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        existing = store.lookup(REFERENCE)
+        if existing is not None and existing.base_path.is_file():
+            return existing
+        return _bootstrap(paths, store, progress)
+    finally:
+        os.close(lock_fd)
+
+
+def _bootstrap(paths: HutchPaths, store: ImageStore, progress: ProgressCallback) -> ImageRecord:
+    from hutch.images.sources import load
+
     with tempfile.TemporaryDirectory(prefix="debian-python-", dir=paths.build) as tmp:
         out = Path(tmp) / "rootfs.tar"
         cmd = [
@@ -76,7 +91,13 @@ def build_debian_python(
                 "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1).",
             )
         progress(PullEvent("status", f"bootstrapped in {time.monotonic() - t0:.0f} s"))
-        return load(out, store=store, tag=REFERENCE, progress=progress)
+        return load(
+            out,
+            store=store,
+            tag=REFERENCE,
+            progress=progress,
+            source=f"builtin mmdebstrap {SUITE} {'+'.join(PACKAGES)}",
+        )
 
 
 __all__ = ["NAME", "REFERENCE", "build_debian_python"]

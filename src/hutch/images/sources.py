@@ -71,7 +71,7 @@ def rootfs_config(
         "config": {
             "Env": [f"{k}={v}" for k, v in {"PATH": DEFAULT_PATH, **(env or {})}.items()],
             "Cmd": list(cmd),
-            "WorkingDir": "/",
+            # no WorkingDir: commands start in the user's home, as everywhere in hutch
         },
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     }
@@ -384,8 +384,11 @@ def load(
     tag: str | None = None,
     platform: Platform | None = None,
     progress: ProgressCallback = _quiet,
+    source: str | None = None,
 ) -> ImageRecord:
-    """Import an image from a local file or folder into the store (blocking)."""
+    """Import an image from a local file or folder into the store (blocking).
+
+    ``source`` labels the record (default ``archive PATH``)."""
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise NotFoundError(f"{path} does not exist", hint="Pass an existing file or folder.")
@@ -433,7 +436,7 @@ def load(
         config_digest=parts.config_digest,
         layers=parts.layers,
         references=refs,
-        source=f"archive {path}",
+        source=source or f"archive {path}",
         progress=progress,
         manifest_digest=parts.manifest_digest,
     )
