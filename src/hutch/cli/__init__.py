@@ -181,6 +181,21 @@ def doctor(as_json: bool, reprobe: bool) -> None:
             )
         except HutchError as e:
             _check(rows, "accelerator", False, e.message, "hutch doctor --reprobe")
+    try:
+        from hutch.images.store import ImageStore
+
+        store = ImageStore(paths)
+        records = store.list()
+        used = store.blobs.usage()
+        _check(
+            rows,
+            "image store",
+            True,
+            f"{len(records)} image(s); blob cache {used / 1e6:.0f} MB of "
+            f"{store.blobs.max_bytes / 1e9:.0f} GB",
+        )
+    except HutchError as e:
+        _check(rows, "image store", False, e.message, e.hint or "hutch prune")
     for label, where in (
         ("disk", paths.home if paths.home.exists() else Path.home()),
         ("run dir", paths.run.parent),
