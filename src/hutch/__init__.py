@@ -28,12 +28,17 @@ from hutch.errors import (
     UnsupportedEngineError,
 )
 from hutch.execution import ExecResult, Execution
+from hutch.runtime.options import BoxOptions, Port, Volume
+from hutch.runtime.runtime import Runtime
+from hutch.runtime.store import BoxRecord
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BadRequestError",
     "Box",
+    "BoxOptions",
+    "BoxRecord",
     "ConfigError",
     "ConflictError",
     "ConnectionError",
@@ -49,11 +54,14 @@ __all__ = [
     "NotFoundError",
     "OutputLimitError",
     "ParseError",
+    "Port",
     "PortalError",
+    "Runtime",
     "SetupError",
     "StorageError",
     "TimeoutError",
     "UnauthorizedError",
     "UnsupportedEngineError",
+    "Volume",
     "__version__",
 ]

@@ -17,14 +17,13 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from hutch.errors import (
     BadRequestError,
-    ConfigError,
     EngineError,
     HutchError,
     InvalidStateError,
@@ -37,8 +36,10 @@ from hutch.images.pull import ensure_image
 from hutch.images.store import BOX_IMAGE_FILE, ImageRecord
 from hutch.paths import HutchPaths
 from hutch.portal import Hello, PortalChannel, SpawnRequest
+from hutch.runtime.options import BoxOptions
+from hutch.runtime.store import BoxRecord, BoxStore, ProcessIdentity
 from hutch.setup import Manifest, load_manifest
-from hutch.vm.accel import ACCELS, resolve_accel
+from hutch.vm.accel import resolve_accel
 from hutch.vm.cmdline import VmSpec
 from hutch.vm.disk import create_overlay, storage_error
 from hutch.vm.process import QemuProcess
@@ -55,6 +56,17 @@ CONTROL_TIMEOUT = 5.0
 def new_box_id() -> str:
     """Unique, sortable by creation time: 11 hex digits of milliseconds + 6 random hex digits."""
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(3)}"
+
+
+_STORES: dict[Path, BoxStore] = {}
+
+
+def store_for(paths: HutchPaths) -> BoxStore:
+    """This process's one connection to a home's runtime store (opened on first use)."""
+    store = _STORES.get(paths.home)
+    if store is None:
+        store = _STORES[paths.home] = BoxStore.for_home(paths)
+    return store
 
 
 def _pid_alive(pid: int) -> bool:
@@ -76,11 +88,16 @@ def sweep_stale_run_dirs(paths: HutchPaths) -> None:
     if not paths.run.is_dir():
         return
     for d in paths.run.iterdir():
-        try:
-            owner = int((d / "owner").read_text().strip())
-        except (OSError, ValueError):
+        try:  # "PID START" (or a bare PID, as older versions wrote)
+            owner = int((d / "owner").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
             owner = 0
         if owner and _pid_alive(owner):
+            continue
+        try:  # a folder another process made a moment ago may not have its owner file yet
+            if not owner and time.time() - d.stat().st_mtime < 10:
+                continue
+        except OSError:
             continue
         shutil.rmtree(d, ignore_errors=True)
 
@@ -125,22 +142,19 @@ class Box:
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         home: Path | str | None = None,
         kernel_args: Sequence[str] = (),
+        id: str | None = None,
+        _options: BoxOptions | None = None,
     ) -> None:
-        host_cpus = os.cpu_count() or 1
-        if not 1 <= cpus <= host_cpus:
-            raise ConfigError(
-                f"cpus must be between 1 and {host_cpus} (this host's CPUs), not {cpus}"
-            )
-        if not 128 <= memory_mib <= 65536:
-            raise ConfigError(f"memory_mib must be between 128 and 65536, not {memory_mib}")
-        if accel not in ACCELS:
-            raise ConfigError(
-                f"accel must be one of {', '.join(ACCELS)}, not {accel!r}",
-                hint="accel='auto' uses KVM when a probe guest boots under it, else TCG.",
-            )
-        if boot_timeout <= 0:
-            raise ConfigError(f"boot_timeout must be positive, not {boot_timeout}")
-        self.id = new_box_id()
+        #: The validated options (one rule set, shared with the Runtime and the store).
+        self.options = _options or BoxOptions(
+            image=image,
+            name=name,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            accel=accel,
+            boot_timeout=boot_timeout,
+        )
+        self.id = id or new_box_id()
         self.name = name or f"hutch-{self.id[-6:]}"
         self.image = image
         self.cpus = cpus
@@ -162,6 +176,79 @@ class Box:
         self._qemu: QemuProcess | None = None
         self._channel: PortalChannel | None = None
         self._watcher: asyncio.Task[None] | None = None
+        #: Whether the box has a row in the runtime store yet (a plain Box gets one at start).
+        self._recorded = False
+        #: Set when another live process owns (runs) this box: it cannot be driven from here.
+        self._foreign_owner: int | None = None
+
+    @classmethod
+    def _from_options(
+        cls, options: BoxOptions, *, home: Path, id: str | None = None, name: str | None = None
+    ) -> Box:
+        return cls(
+            options.image,
+            cpus=options.cpus,
+            memory_mib=options.memory_mib,
+            accel=options.accel,
+            name=name if name is not None else options.name,
+            boot_timeout=options.boot_timeout,
+            home=home,
+            id=id,
+            _options=options,
+        )
+
+    @classmethod
+    def _from_record(cls, rec: BoxRecord, *, home: Path) -> Box:
+        """A Box object for a stored box (made by another process, or earlier by this one)."""
+        box = cls._from_options(rec.options, home=home, id=rec.id, name=rec.name)
+        box._recorded = True
+        box.state = rec.state
+        box.boot_ms = rec.boot_ms
+        box.accel = rec.accel
+        if rec.active:
+            owner = rec.owner
+            me = ProcessIdentity.current()
+            if owner is not None and owner.alive() and owner.pid != me.pid:
+                box._foreign_owner = owner.pid
+        if rec.state == "failed" and rec.failure:
+            box.failure = HutchError(rec.failure)
+        return box
+
+    # --- persistence (the runtime store: HOME/runtime.db) ----------------------------------
+    def _store(self) -> BoxStore:
+        return store_for(self.paths)
+
+    async def _persist(self, what: str, call: Callable[[], object], *, strict: bool) -> None:
+        """Run one store call off the loop. ``strict`` errors propagate (the start CAS); others
+        are logged: the store catches up through crash recovery (dead owner → stopped)."""
+        try:
+            await asyncio.to_thread(call)
+        except HutchError as e:
+            if strict:
+                raise
+            log.warning("box %s: could not record %s in the store: %s", self.id, what, e.message)
+
+    async def _claim_start(self) -> None:
+        store = self._store()
+        if not self._recorded:
+            rec = BoxRecord.new(self.options, id=self.id, name=self.name)
+            await asyncio.to_thread(store.insert, rec)
+            self._recorded = True
+        await asyncio.to_thread(
+            store.claim,
+            self.id,
+            state="starting",
+            expect={"created", "stopped", "failed"},
+            event=("start", f"by pid {os.getpid()}"),
+        )
+
+    def _check_owner(self) -> None:
+        if self._foreign_owner is not None:
+            raise InvalidStateError(
+                f"box {self.id} is {self.state} in another process (pid {self._foreign_owner})",
+                hint="A box's VM belongs to the process that started it; drive it from there, "
+                "or stop that process (the next runtime marks the box stopped).",
+            )
 
     # --- paths ----------------------------------------------------------------------------
     @property
@@ -193,8 +280,10 @@ class Box:
                 f"cannot start box {self.id} while it is {self.state}",
                 hint="Wait for the current start/stop to finish.",
             )
+        self._check_owner()
         if self.state == "failed":
             await self._teardown()  # what is left of the failed VM: watcher, QEMU, sockets
+        await self._claim_start()  # compare-and-set in the store: one starter wins
         self.state = "starting"
         self.failure = None
         t0 = time.monotonic()
@@ -205,11 +294,38 @@ class Box:
             self.image_record = record = await ensure_image(self.image, paths=self.paths)
             self.image_ms = (time.monotonic() - t0) * 1000.0
             await self._boot(manifest, record, t0, time.monotonic() + self.boot_timeout)
-        except BaseException:
+        except BaseException as e:
             self.state = "failed"
             await self._teardown()
+            why = e.message if isinstance(e, HutchError) else (str(e) or type(e).__name__)
+            await self._persist(
+                "the failed start",
+                lambda: self._store().update_state(
+                    self.id,
+                    "failed",
+                    release=True,
+                    failure=why,
+                    stopped_at=time.time(),
+                    event=("start-failed", why),
+                ),
+                strict=False,
+            )
             raise
         self.state = "running"
+        await self._persist(
+            "the running state",
+            lambda: self._store().update_state(
+                self.id,
+                "running",
+                expect={"starting"},
+                image_id=self.image_record.id if self.image_record else None,
+                qemu_pid=self.qemu_pid,
+                accel=self.accel,
+                started_at=time.time(),
+                boot_ms=self.boot_ms,
+            ),
+            strict=False,
+        )
 
     async def _boot(
         self, manifest: Manifest, record: ImageRecord, t0: float, deadline: float
@@ -226,7 +342,8 @@ class Box:
         try:
             self.box_dir.mkdir(parents=True, exist_ok=True)
             self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            (self.run_dir / "owner").write_text(str(os.getpid()))
+            me = ProcessIdentity.current()  # "PID START": survives pid reuse
+            (self.run_dir / "owner").write_text(f"{me.pid} {me.start}")
             (self.box_dir / BOX_IMAGE_FILE).write_text(record.id)
             self.console_log.write_bytes(b"")
         except OSError as e:
@@ -327,11 +444,20 @@ class Box:
             )
             log.warning("box %s: QEMU exited unexpectedly (status %s)", self.id, qemu.returncode)
         await channel.close(f"box {self.id} failed: {self.failure.message}")
+        failure = self.failure.message
+        await self._persist(
+            "the failure",
+            lambda: self._store().update_state(
+                self.id, "failed", release=True, failure=failure, stopped_at=time.time()
+            ),
+            strict=False,
+        )
 
     async def stop(self) -> None:
         """Shut the guest down (processes get SIGTERM, then SIGKILL); the disk is kept."""
         if self.state in ("created", "stopped"):
             return
+        self._check_owner()
         self.state = "stopping"
         try:
             if self._channel is not None and self._qemu is not None and self._qemu.running:
@@ -343,6 +469,14 @@ class Box:
         finally:
             await self._teardown()
             self.state = "stopped"
+            if self._recorded:
+                await self._persist(
+                    "the stop",
+                    lambda: self._store().update_state(
+                        self.id, "stopped", release=True, stopped_at=time.time(), qemu_pid=None
+                    ),
+                    strict=False,
+                )
 
     async def _teardown(self) -> None:
         if self._watcher is not None:
@@ -360,6 +494,12 @@ class Box:
         """Stop the box if needed and delete its disk and logs."""
         await self.stop()
         shutil.rmtree(self.box_dir, ignore_errors=True)
+        if self._recorded:
+            await self._persist(
+                "the removal",
+                lambda: self._store().delete(self.id, missing_ok=True),
+                strict=False,
+            )
         self.state = "removed"
 
     async def __aenter__(self) -> Box:
@@ -373,6 +513,7 @@ class Box:
 
     # --- commands -------------------------------------------------------------------------
     def _require_channel(self) -> PortalChannel:
+        self._check_owner()
         if self.state == "failed" and self.failure is not None:
             raise InvalidStateError(
                 f"box {self.id} failed: {self.failure.message}",
@@ -420,10 +561,13 @@ class Box:
         if not cmd and config is not None:
             cmd = tuple(self.default_command())
         argv = _argv(cmd)
-        if config is not None:  # the image's Env, WorkingDir and User are the defaults
-            env = {**dict(config.env), **(env or {})}
-            cwd = cwd if cwd is not None else (config.working_dir or None)
-            user = user if user is not None else (config.user or None)
+        # Defaults, weakest first: the image's Env/WorkingDir/User, then the box's options.
+        opts = self.options
+        env = {**(dict(config.env) if config else {}), **opts.env, **(env or {})}
+        if cwd is None:
+            cwd = opts.workdir or (config.working_dir if config else None) or None
+        if user is None:
+            user = opts.user or (config.user if config else None) or None
         if timeout is not None and not 0 < timeout <= 86400 * 7:
             raise BadRequestError(f"timeout must be between 0 and one week, not {timeout}")
         request = SpawnRequest(

@@ -1,0 +1,1 @@
+"""The runtime: many boxes, persisted across processes."""

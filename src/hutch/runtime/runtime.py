@@ -1,0 +1,167 @@
+"""``hutch.Runtime``: many boxes in one hutch home, persisted in ``HOME/runtime.db``.
+
+Every box — made by ``Runtime.create`` or as a plain ``hutch.Box`` — has a row in the store
+(:mod:`hutch.runtime.store`), so boxes are listed, named and found across processes, and a box
+stopped by one process can be started by another (its disk overlay is kept under ``boxes/<id>``).
+
+**Re-attaching is not supported:** a running box's QEMU belongs to the process that started it
+(it is started under ``setpriv --pdeathsig KILL`` so it can never outlive that process, even on
+SIGKILL). Another process sees such a box with its state and owner pid, and gets an
+:class:`InvalidStateError` saying so if it tries to drive it. When the owner dies, its boxes'
+QEMUs die with it and the next runtime to open the home (:func:`recover`) marks them ``stopped``
+(``failed`` if they were still starting), keeping their disks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from hutch.box import Box, store_for
+from hutch.errors import InvalidStateError
+from hutch.execution import ExecResult
+from hutch.paths import HutchPaths
+from hutch.runtime.options import BoxOptions
+from hutch.runtime.recovery import RecoveryReport, kill_qemu, recover
+from hutch.runtime.store import BoxRecord, BoxStore, ProcessIdentity
+
+log = logging.getLogger("hutch")
+
+_DEFAULT: dict[Path, Runtime] = {}
+
+
+class Runtime:
+    """Creates, finds, lists and removes boxes of one hutch home.
+
+    ``async with hutch.Runtime() as rt:`` opens it (running crash recovery) and, on exit, stops
+    the boxes this process started (removing those created with ``auto_remove``).
+    """
+
+    def __init__(self, home: Path | str | None = None) -> None:
+        self.paths = HutchPaths(Path(home).absolute()) if home else HutchPaths.default()
+        self._boxes: dict[str, Box] = {}  # live Box objects of this process, by id
+        self._opened = False
+        self.last_recovery: RecoveryReport | None = None
+
+    @classmethod
+    def default(cls) -> Runtime:
+        """The process-wide runtime of the default hutch home."""
+        paths = HutchPaths.default()
+        rt = _DEFAULT.get(paths.home)
+        if rt is None:
+            rt = _DEFAULT[paths.home] = cls(paths.home)
+        return rt
+
+    @property
+    def store(self) -> BoxStore:
+        return store_for(self.paths)
+
+    async def open(self) -> None:
+        """Open the store and recover boxes whose owner process died (idempotent)."""
+        if self._opened:
+            return
+        self.paths.ensure()
+        self.last_recovery = await asyncio.to_thread(recover, self.store, self.paths)
+        if self.last_recovery:
+            log.info("hutch runtime: %s", self.last_recovery.summary())
+        self._opened = True
+
+    async def __aenter__(self) -> Runtime:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the boxes this process runs (their disks are kept; ``auto_remove`` ones go)."""
+        boxes = list(self._boxes.values())
+        self._boxes.clear()
+
+        async def finish(box: Box) -> None:
+            if box.options.auto_remove:
+                await box.remove()
+            elif box.state not in ("created", "stopped", "removed"):
+                await box.stop()
+
+        results = await asyncio.gather(*(finish(b) for b in boxes), return_exceptions=True)
+        for box, r in zip(boxes, results, strict=True):
+            if isinstance(r, BaseException):
+                log.warning("box %s: stopping it on close failed: %s", box.id, r)
+        self._opened = False
+
+    # --- boxes -----------------------------------------------------------------------------
+    async def create(self, options: BoxOptions | None = None, **kwargs: Any) -> Box:
+        """A new box (not started): ``create(BoxOptions(image=…))`` or ``create(image=…, …)``.
+
+        ConflictError if the name is taken."""
+        await self.open()
+        opts = options if options is not None else BoxOptions(**kwargs)
+        opts.validate()
+        box = Box._from_options(opts, home=self.paths.home)
+        rec = BoxRecord.new(opts, id=box.id, name=box.name)
+        await asyncio.to_thread(self.store.insert, rec)
+        box._recorded = True
+        self._boxes[box.id] = box
+        return box
+
+    async def get(self, id_or_name: str) -> Box:
+        """The box with this id, unique id prefix or name (NotFoundError otherwise)."""
+        await self.open()
+        rec = await asyncio.to_thread(self.store.get, id_or_name)
+        live = self._boxes.get(rec.id)
+        if live is not None and live.state != "removed":
+            return live
+        if rec.active and not rec.owner_alive():
+            await asyncio.to_thread(recover, self.store, self.paths)  # its owner died
+            rec = await asyncio.to_thread(self.store.get, rec.id)
+        box = Box._from_record(rec, home=self.paths.home)
+        if box._foreign_owner is None:
+            self._boxes[box.id] = box
+        return box
+
+    async def list(self, state: str | Collection[str] | None = None) -> builtins.list[BoxRecord]:
+        """Records of the home's boxes (all processes), oldest first; filter by state(s)."""
+        await self.open()
+        return await asyncio.to_thread(self.store.list, state)
+
+    async def remove(self, id_or_name: str, *, force: bool = False) -> None:
+        """Delete a box, its disk and its record. A running box needs ``force=True`` (it is
+        stopped first; one running in another process has its QEMU killed)."""
+        box = await self.get(id_or_name)
+        if box.state in ("running", "starting", "stopping") and not force:
+            raise InvalidStateError(
+                f"box {box.id} is {box.state}",
+                hint="Stop it first, or remove it with force=True / `hutch rm -f`.",
+            )
+        if box._foreign_owner is not None:
+            rec = await asyncio.to_thread(self.store.get, box.id)
+            if rec.qemu_pid:
+                await asyncio.to_thread(kill_qemu, rec.qemu_pid, box.id, 2.0)
+            box._foreign_owner = None
+            box.state = "stopped"
+        await box.remove()
+        self._boxes.pop(box.id, None)
+
+    async def run(
+        self, image: str, *cmd: str | Sequence[str], timeout: float | None = None, **options: Any
+    ) -> ExecResult:
+        """Ephemeral: create a box from ``image``, run ``cmd`` (the image's default command if
+        empty), remove the box, return the result."""
+        box = await self.create(image=image, auto_remove=True, **options)
+        try:
+            await box.start()
+            return await box.exec(*cmd, timeout=timeout)
+        finally:
+            await box.remove()
+            self._boxes.pop(box.id, None)
+
+
+__all__ = ["ProcessIdentity", "Runtime"]

@@ -1,0 +1,146 @@
+"""hutch.Runtime over a real SQLite store, real guests and real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import hutch
+from hutch.errors import ConflictError, InvalidStateError, NotFoundError
+from hutch.paths import HutchPaths
+from hutch.runtime.store import BoxStore
+from tests.support.homes import make_home
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_home(tmp_path_factory.mktemp("rt") / "home")
+
+
+def child(home: Path, body: str) -> subprocess.Popen[str]:
+    """A separate Python process running ``body`` inside ``async with Runtime(home) as rt``."""
+    script = "import asyncio, sys, hutch\nasync def main():\n"
+    script += f"    async with hutch.Runtime({str(home)!r}) as rt:\n"
+    script += textwrap.indent(textwrap.dedent(body), " " * 8)
+    script += "\nasyncio.run(main())\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+async def test_stopped_box_is_started_by_another_process(home: Path) -> None:
+    async with hutch.Runtime(home) as rt:
+        box = await rt.create(image="busybox", name="persist")
+        await box.start()
+        r = await box.exec("sh", "-c", "echo kept > /root/note")
+        r.assert_success()
+        await box.stop()
+        [rec] = await rt.list()
+        assert (rec.name, rec.state, rec.owner_pid) == ("persist", "stopped", None)
+    p = child(
+        home,
+        """
+        box = await rt.get("persist")
+        await box.start()
+        print((await box.exec("cat", "/root/note")).stdout, end="")
+        await box.stop()
+        """,
+    )
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert out == "kept\n"
+    async with hutch.Runtime(home) as rt:
+        events = rt.store.events((await rt.get("persist")).id)
+        assert [e.kind for e in events].count("start") == 2
+        await rt.remove("persist")
+        with pytest.raises(NotFoundError, match="persist"):
+            await rt.get("persist")
+        assert not (HutchPaths(home).boxes / events[0].box_id).exists()
+
+
+async def test_sigkilled_owner_is_recovered(home: Path) -> None:
+    p = child(
+        home,
+        """
+        box = await rt.create(image="busybox", name="doomed")
+        await box.start()
+        print(box.id, box.qemu_pid, flush=True)
+        await asyncio.sleep(3600)
+        """,
+    )
+    assert p.stdout is not None
+    box_id, qemu_pid = p.stdout.readline().split()
+    async with hutch.Runtime(home) as rt:
+        other = await rt.get("doomed")  # running in the child: visible, not drivable
+        assert other.state == "running"
+        with pytest.raises(InvalidStateError, match=f"pid {p.pid}"):
+            await other.exec("true")
+        with pytest.raises(InvalidStateError, match="force"):
+            await rt.remove("doomed")
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{qemu_pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)  # QEMU dies with its owner (pdeathsig)
+    async with hutch.Runtime(home) as rt:
+        box = await rt.get("doomed")
+        assert box.state == "stopped" and box.id == box_id
+        assert rt.last_recovery is not None
+        assert [b.id for b in rt.last_recovery.boxes] == [box_id]
+        assert not (HutchPaths(home).run / box_id).exists()
+        kinds = [e.kind for e in rt.store.events(box_id)]
+        assert "recovered" in kinds
+        # the disk survived: it starts again here
+        await box.start()
+        assert (await box.exec("true")).exit_code == 0
+        await rt.remove("doomed", force=True)
+    assert BoxStore.for_home(HutchPaths(home)).find("doomed") is None
+
+
+async def test_force_remove_of_a_box_another_process_runs(home: Path) -> None:
+    p = child(
+        home,
+        """
+        box = await rt.create(image="busybox", name="theirs")
+        await box.start()
+        print(box.qemu_pid, flush=True)
+        await asyncio.sleep(3600)
+        """,
+    )
+    try:
+        assert p.stdout is not None
+        qemu_pid = int(p.stdout.readline())
+        async with hutch.Runtime(home) as rt:
+            await rt.remove("theirs", force=True)
+            assert [r.name for r in await rt.list()] == []
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{qemu_pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{qemu_pid}")
+    finally:
+        p.kill()
+        p.wait()
+
+
+async def test_names_ids_and_ephemeral_run(home: Path) -> None:
+    async with hutch.Runtime(home) as rt:
+        a = await rt.create(image="busybox", name="alpha")
+        with pytest.raises(ConflictError, match="alpha"):
+            await rt.create(image="busybox", name="alpha")
+        assert (await rt.get(a.id)) is a and (await rt.get("alpha")) is a
+        assert [r.id for r in await rt.list(state="created")] == [a.id]
+        r = await rt.run("busybox", "sh", "-c", "echo $X", env={"X": "from options"})
+        assert r.stdout == "from options\n"
+        assert [x.name for x in await rt.list()] == ["alpha"]  # the ephemeral box is gone
+        await rt.remove("alpha")
+    with pytest.raises(hutch.ConfigError, match="name"):
+        hutch.BoxOptions(name="Bad Name")
