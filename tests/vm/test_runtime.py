@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -144,3 +145,24 @@ async def test_names_ids_and_ephemeral_run(home: Path) -> None:
         await rt.remove("alpha")
     with pytest.raises(hutch.ConfigError, match="name"):
         hutch.BoxOptions(name="Bad Name")
+
+
+async def test_cli_ps_logs_rm(home: Path) -> None:
+    from tests.conftest import hutch_cli
+
+    env = {"HUTCH_HOME": str(home)}
+    async with hutch.Runtime(home) as rt:
+        box = await rt.create(image="busybox", name="cli-box")
+        await box.start()
+        running = hutch_cli("ps", "--json", env_extra=env)
+        [row] = [r for r in json.loads(running.stdout) if r["name"] == "cli-box"]
+        assert row["state"] == "running" and row["owner_pid"] == os.getpid()
+        await box.stop()
+    assert hutch_cli("ps", "--json", env_extra=env).stdout.strip() == b"[]"
+    listing = json.loads(hutch_cli("ps", "-a", "--json", env_extra=env).stdout)
+    assert [(r["name"], r["state"]) for r in listing] == [("cli-box", "stopped")]
+    logs = hutch_cli("logs", "cli-box", env_extra=env)
+    assert logs.returncode == 0 and b"reboot" in logs.stdout  # the quiet kernel's last words
+    rm = hutch_cli("rm", "cli-box", "nope", env_extra=env)
+    assert rm.returncode == 125 and rm.stdout == b"cli-box\n" and b"nope" in rm.stderr
+    assert json.loads(hutch_cli("ps", "-a", "--json", env_extra=env).stdout) == []

@@ -437,9 +437,10 @@ def version() -> None:
     click.echo(__version__)
 
 
+from hutch.cli import boxes as _boxes  # noqa: E402  (registers the box commands)
 from hutch.cli import images as _images  # noqa: E402  (registers the image commands)
 
-__all__ = ["_images", "err_console", "main"]
+__all__ = ["_boxes", "_images", "err_console", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()
