@@ -36,6 +36,13 @@ from hutch.images.pull import ensure_image
 from hutch.images.store import BOX_IMAGE_FILE, ImageRecord
 from hutch.paths import HutchPaths
 from hutch.portal import Hello, PortalChannel, SpawnRequest
+from hutch.runtime.metrics import (
+    CPU_WINDOW,
+    BoxMetrics,
+    CpuSampler,
+    parse_meminfo,
+    qemu_rss_bytes,
+)
 from hutch.runtime.options import BoxOptions
 from hutch.runtime.store import BoxRecord, BoxStore, ProcessIdentity
 from hutch.setup import Manifest, load_manifest
@@ -176,6 +183,13 @@ class Box:
         self._qemu: QemuProcess | None = None
         self._channel: PortalChannel | None = None
         self._watcher: asyncio.Task[None] | None = None
+        #: Processes started in this box by this process, and exec/spawn calls that failed.
+        self.commands = 0
+        self.errors = 0
+        #: How often the box turned ``failed`` (a start that failed, or a VM that died).
+        self.failures = 0
+        self._cpu = CpuSampler()
+        self._cpu_last: tuple[float, float] | None = None
         #: Whether the box has a row in the runtime store yet (a plain Box gets one at start).
         self._recorded = False
         #: Set when another live process owns (runs) this box: it cannot be driven from here.
@@ -296,6 +310,7 @@ class Box:
             await self._boot(manifest, record, t0, time.monotonic() + self.boot_timeout)
         except BaseException as e:
             self.state = "failed"
+            self.failures += 1
             await self._teardown()
             why = e.message if isinstance(e, HutchError) else (str(e) or type(e).__name__)
             await self._persist(
@@ -429,6 +444,7 @@ class Box:
         if self.state != "running":
             return
         self.state = "failed"
+        self.failures += 1
         if qemu.running:
             reason = channel.close_reason
             self.failure = (
@@ -578,13 +594,18 @@ class Box:
             timeout_ms=max(1, int(timeout * 1000)) if timeout is not None else 0,
             stdin=stdin,
         )
-        stream = await channel.spawn(request)
         try:
-            pid = await asyncio.wait_for(asyncio.shield(stream.started), SPAWN_TIMEOUT)
-        except builtins.TimeoutError:
-            raise TimeoutError(
-                f"the guest did not start {argv!r} within {SPAWN_TIMEOUT:g} s"
-            ) from None
+            stream = await channel.spawn(request)
+            try:
+                pid = await asyncio.wait_for(asyncio.shield(stream.started), SPAWN_TIMEOUT)
+            except builtins.TimeoutError:
+                raise TimeoutError(
+                    f"the guest did not start {argv!r} within {SPAWN_TIMEOUT:g} s"
+                ) from None
+        except HutchError:
+            self.errors += 1
+            raise
+        self.commands += 1
         return Execution(stream, pid, timeout, max_output_bytes)
 
     async def exec(
@@ -618,12 +639,56 @@ class Box:
             feeder = asyncio.get_running_loop().create_task(feed())
         try:
             return await execution.wait()
+        except HutchError:
+            self.errors += 1
+            raise
         finally:
             if feeder is not None:
                 if not feeder.done():
                     feeder.cancel()
                 with contextlib.suppress(asyncio.CancelledError, HutchError):
                     await feeder
+
+    async def metrics(self) -> BoxMetrics:
+        """Counters, timings, QEMU's CPU and memory, and the guest's memory use.
+
+        CPU use is measured since the previous ``metrics()`` call (the first call samples a
+        short window). Resource figures are 0 when the box is not running."""
+        cpu_percent, mem_total, mem_used, rss = 0.0, 0, 0, 0
+        pid = self.qemu_pid
+        if self.state == "running" and pid is not None and self._foreign_owner is None:
+            before = self._cpu_last or self._cpu.sample(pid)
+            if self._cpu_last is None:
+                await asyncio.sleep(CPU_WINDOW)
+            after = self._cpu.sample(pid)
+            if before is not None and after is not None:
+                cpu_percent = self._cpu.percent(before, after)
+                self._cpu_last = after
+            rss = qemu_rss_bytes(pid)
+            meminfo = await self._internal_exec("cat", "/proc/meminfo")
+            mem_total, mem_used = parse_meminfo(meminfo)
+        guest_boot = self.hello.boot_ready_us / 1000.0 if self.hello else None
+        return BoxMetrics(
+            commands=self.commands,
+            errors=self.errors,
+            total_create_ms=self.boot_ms,
+            guest_boot_ms=guest_boot,
+            image_ms=self.image_ms,
+            cpu_percent=round(cpu_percent, 1),
+            memory_bytes=mem_used,
+            memory_total_bytes=mem_total,
+            qemu_rss_bytes=rss,
+        )
+
+    async def _internal_exec(self, *argv: str) -> str:
+        """A small command of hutch's own (not counted in the box's commands)."""
+        channel = self._require_channel()
+        stream = await channel.spawn(SpawnRequest(argv=list(argv), stdin=False))
+        pid = await asyncio.wait_for(asyncio.shield(stream.started), SPAWN_TIMEOUT)
+        result = await asyncio.wait_for(
+            Execution(stream, pid, None, 1 << 20).wait(), CONTROL_TIMEOUT
+        )
+        return result.stdout
 
     async def ping(self, timeout: float = CONTROL_TIMEOUT) -> float:
         """Round trip to the guest agent, in seconds; TimeoutError if it does not answer."""

@@ -26,6 +26,7 @@ from hutch.box import Box, store_for
 from hutch.errors import InvalidStateError
 from hutch.execution import ExecResult
 from hutch.paths import HutchPaths
+from hutch.runtime.metrics import RuntimeMetrics
 from hutch.runtime.options import BoxOptions
 from hutch.runtime.recovery import RecoveryReport, kill_qemu, recover
 from hutch.runtime.store import BoxRecord, BoxStore, ProcessIdentity
@@ -45,6 +46,7 @@ class Runtime:
     def __init__(self, home: Path | str | None = None) -> None:
         self.paths = HutchPaths(Path(home).absolute()) if home else HutchPaths.default()
         self._boxes: dict[str, Box] = {}  # live Box objects of this process, by id
+        self._created: builtins.list[Box] = []  # every box this runtime made (for metrics)
         self._opened = False
         self.last_recovery: RecoveryReport | None = None
 
@@ -110,6 +112,7 @@ class Runtime:
         await asyncio.to_thread(self.store.insert, rec)
         box._recorded = True
         self._boxes[box.id] = box
+        self._created.append(box)
         return box
 
     async def get(self, id_or_name: str) -> Box:
@@ -131,6 +134,19 @@ class Runtime:
         """Records of the home's boxes (all processes), oldest first; filter by state(s)."""
         await self.open()
         return await asyncio.to_thread(self.store.list, state)
+
+    async def metrics(self) -> RuntimeMetrics:
+        """Counters of this runtime's boxes, and how many boxes run in the home."""
+        await self.open()
+        running = await asyncio.to_thread(self.store.list, "running")
+        mine = self._created
+        return RuntimeMetrics(
+            boxes_created=len(mine),
+            boxes_failed=sum(1 for b in mine if b.failures),
+            running=len(running),
+            commands=sum(b.commands for b in mine),
+            errors=sum(b.errors for b in mine),
+        )
 
     async def remove(self, id_or_name: str, *, force: bool = False) -> None:
         """Delete a box, its disk and its record. A running box needs ``force=True`` (it is
