@@ -24,6 +24,7 @@ from hutch import box as _box
 from hutch import execution as _execution
 from hutch.errors import InvalidStateError
 from hutch.execution import ExecResult
+from hutch.runtime import runtime as _runtime
 
 T = TypeVar("T")
 
@@ -56,6 +57,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 _WRAPPED: tuple[type, ...] = (
+    _runtime.Runtime,
     _box.Box,
     _execution.Execution,
     _execution.OutputStream,
@@ -127,4 +129,29 @@ class Box(Synced):
         return result
 
 
-__all__ = ["Box", "ExecResult", "Synced", "run"]
+class Runtime(Synced):
+    """Blocking :class:`hutch.Runtime`: ``with Runtime() as rt: rt.create(image=…)``."""
+
+    __slots__ = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Same arguments as :class:`hutch.Runtime`."""
+        super().__init__(_runtime.Runtime(*args, **kwargs))
+
+    @classmethod
+    def default(cls) -> Runtime:
+        rt = cls.__new__(cls)
+        Synced.__init__(rt, _runtime.Runtime.default())
+        return rt
+
+    def __enter__(self) -> Runtime:
+        run(self._target.open())
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        run(self._target.close())
+
+
+__all__ = ["Box", "ExecResult", "Runtime", "Synced", "run"]
