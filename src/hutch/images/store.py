@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hutch.errors import ConflictError, ImageError, NotFoundError
+from hutch.errors import BadRequestError, ConflictError, ImageError, NotFoundError
 from hutch.images.blobs import BlobCache, storage_error
 from hutch.images.oci import ImageConfig, check_digest
 from hutch.images.reference import ImageReference
@@ -213,7 +213,7 @@ class ImageStore:
             # a 12+ hex-digit string may also be a valid repository name: fall through
         try:
             ref = ImageReference.parse(name)
-        except Exception:
+        except BadRequestError:
             if _looks_like_id(name):
                 return None
             raise
@@ -372,7 +372,7 @@ class ImageStore:
 def _parse_or_none(text: str) -> ImageReference | None:
     try:
         return ImageReference.parse(text)
-    except Exception:
+    except BadRequestError:
         return None
 
 
