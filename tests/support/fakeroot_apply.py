@@ -10,6 +10,11 @@ does, from ``fakeroot``. One long-lived helper process serves a whole test sessi
 The helper (``python -m tests.support.fakeroot_apply`` inside ``fakeroot``) reads one JSON request
 per line on stdin and answers one JSON line: the applied diff_ids and a dump of every entry under
 the root (type, mode, owner, size, link target, device numbers, inode, xattrs, content).
+
+The applier also records what the image wants for every path (:class:`hutch.images.layers.TreeMeta`,
+which lets ``mkfs.ext4`` run outside fakeroot). When the root started empty, :meth:`apply` checks
+that record against what the fakeroot session says, for every path: each test of the applier
+also tests the record.
 """
 
 from __future__ import annotations
@@ -122,14 +127,16 @@ def _dump(root: str) -> dict[str, Any]:
 
 def _serve() -> None:
     from hutch.errors import HutchError
-    from hutch.images.layers import LayerBudget, LayerLimits, apply_layer
+    from hutch.images.layers import LayerBudget, LayerLimits, TreeMeta, apply_layer
 
     for line in sys.stdin:
         req = json.loads(line)
         root = Path(req["root"])
         budget = LayerBudget()
+        meta = TreeMeta()
         try:
             root.mkdir(parents=True, exist_ok=True)
+            fresh = not any(root.iterdir())
             diff_ids = [
                 apply_layer(
                     Path(layer["path"]),
@@ -139,6 +146,7 @@ def _serve() -> None:
                     limits=LayerLimits(**req.get("limits", {})),
                     budget=budget,
                     name=layer.get("name"),
+                    meta=meta,
                 )
                 for layer in req["layers"]
             ]
@@ -150,6 +158,11 @@ def _serve() -> None:
                 "entries_used": budget.entries_used,
                 "warnings": budget.warnings,
             }
+            if fresh:
+                resp["meta"] = {
+                    k: [mode, uid, gid, rdev, {n: v.hex() for n, v in xattrs}]
+                    for k, (mode, uid, gid, rdev, xattrs) in meta.entries.items()
+                }
         except HutchError as e:
             resp = {"ok": False, "type": type(e).__name__, "message": e.message, "hint": e.hint}
         except Exception as e:  # a bug: report it to the test rather than dying
@@ -244,9 +257,33 @@ class FakerootApplier:
                 data=bytes.fromhex(n["data"]) if n.get("data") is not None else None,
                 sha256=n.get("sha256"),
             )
-        return Applied(
+        applied = Applied(
             resp["diff_ids"], tree, resp["bytes_used"], resp["entries_used"], resp["warnings"]
         )
+        if "meta" in resp:
+            check_meta(applied, resp["meta"])
+        return applied
+
+
+def check_meta(applied: Applied, meta: dict[str, list[Any]]) -> None:
+    """The applier's record (TreeMeta) says, for every path in the tree, what the fakeroot
+    session says (the root only if a layer had a ``./`` entry)."""
+    kinds = {v: k for k, v in _TYPES.items()}
+    for path, node in applied.tree.items():
+        want = meta.get(path)
+        if want is None:
+            assert path == "", f"no TreeMeta record for {path!r}"
+            continue
+        mode, uid, gid, rdev, xattrs = want
+        rec = (
+            mode,
+            uid,
+            gid,
+            (os.major(rdev), os.minor(rdev)) if node.type in ("chr", "blk") else None,
+            {n: bytes.fromhex(v) for n, v in xattrs.items()},
+        )
+        seen = (kinds[node.type] | node.mode, node.uid, node.gid, node.rdev, node.xattrs)
+        assert rec == seen, f"TreeMeta record for {path!r}: {rec} != fakeroot's {seen}"
 
 
 if __name__ == "__main__":

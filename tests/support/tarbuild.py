@@ -92,6 +92,7 @@ class Device:
     uid: int = 0
     gid: int = 0
     mtime: float = MTIME
+    xattrs: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Fifo:
     uid: int = 0
     gid: int = 0
     mtime: float = MTIME
+    xattrs: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -192,11 +194,16 @@ def tar_bytes(entries: Iterable[Entry], *, format: int = tarfile.PAX_FORMAT) -> 
                 ti.linkname = e.target
             elif isinstance(e, Device):
                 kind = tarfile.CHRTYPE if e.kind == "chr" else tarfile.BLKTYPE
-                ti = _info(e.name, kind, mode=e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime)
+                ti = _with_xattrs(
+                    _info(e.name, kind, mode=e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime), e.xattrs
+                )
                 ti.devmajor, ti.devminor = e.major, e.minor
             elif isinstance(e, Fifo):
-                ti = _info(
-                    e.name, tarfile.FIFOTYPE, mode=e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime
+                ti = _with_xattrs(
+                    _info(
+                        e.name, tarfile.FIFOTYPE, mode=e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime
+                    ),
+                    e.xattrs,
                 )
             elif isinstance(e, Whiteout):
                 parent, _, base = e.name.rstrip("/").rpartition("/")

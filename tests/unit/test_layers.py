@@ -3,7 +3,9 @@
 Layers are built here with ``tarfile`` (tests/support/tarbuild.py) and applied by one helper
 process running under ``fakeroot`` (tests/support/fakeroot_apply.py), as production does, so
 ownership, device nodes and privileged xattrs are real as far as the session is concerned.
-Hostile tests also check that nothing next to the root changed.
+Hostile tests also check that nothing next to the root changed. Every apply onto an empty root
+also checks the applier's record of what the image wants at each path (``TreeMeta``, which lets
+``mkfs.ext4`` run outside fakeroot) against what the fakeroot session says.
 """
 
 from __future__ import annotations
@@ -362,6 +364,21 @@ def test_dir_over_dir_keeps_children_and_replaces_metadata(
     assert t["d/child"].data == b"kept"
     assert (t["d"].mode, t["d"].uid, t["d"].gid) == (0o750, 5, 6)
     assert t["d"].xattrs == {"user.new": b"3"}
+
+
+def test_directory_made_again_implicitly_does_not_take_a_deleted_ones_mode(
+    fr: FakerootApplier, sb: Sandbox
+) -> None:
+    # p/a (0700) goes with p when p becomes a symlink; p/a/x then makes a fresh p/a (0755).
+    layer = sb.layer(
+        Dir("p"),
+        Dir("p/a", mode=0o700, mtime=MTIME + 5),
+        Symlink("p", "q"),
+        Dir("p"),
+        File("p/a/x", b"x"),
+    )
+    t = fr.apply(sb.root, [layer])
+    assert t["p/a"].mode == 0o755 and t["p/a"].mtime != MTIME + 5
 
 
 def test_duplicate_entries_later_wins(fr: FakerootApplier, sb: Sandbox) -> None:

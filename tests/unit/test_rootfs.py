@@ -1,9 +1,14 @@
 """build_base_disk (hutch.images.rootfs): real fakeroot + mkfs.ext4, read back with debugfs.
 
 The main test builds a three-layer image full of edge cases and checks the ext4 entry by entry
-(type, mode, owner, size, content, link target, device numbers, xattrs, hard links) and that it
-holds nothing else. The others check the errors: tampered layer, bomb, full disks, missing tools,
-interrupt — and that scratch trees and partial outputs are always cleaned up.
+(type, mode, owner, size, content, link target, device numbers, mtimes, xattrs, hard links) and
+that it holds nothing else — built the fast way (mkfs.ext4 outside fakeroot + a debugfs fix-up)
+and the fallback way (mkfs.ext4 in the fakeroot session), which must agree; the fallback is
+also checked when it is chosen for a reason (names debugfs cannot express, device numbers it
+refuses, a failed fix-up, a fix-up estimated too slow). The others check the errors: tampered
+layer, bomb, full disks, missing tools, interrupt — and that scratch trees and partial outputs
+are always cleaned up. Run them as root and as an ordinary user (``setpriv --reuid=nobody``):
+the real tree differs (ownership), the disk must not.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from tests.support.tarbuild import (
     MTIME,
     Device,
     Dir,
+    Entry,
     Fifo,
     File,
     Hardlink,
@@ -117,21 +123,30 @@ class Ext4Node:
 
 
 def _debugfs(image: Path, commands: list[str]) -> list[str]:
-    """Run commands in one debugfs session; return each command's stdout."""
-    proc = subprocess.run(
-        ["debugfs", "-f", "-", str(image)],
-        input="\n".join(commands) + "\n",
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    sections = re.split(r"^debugfs: .*\n?", proc.stdout, flags=re.M)[1:]
-    assert len(sections) == len(commands), proc.stdout[-2000:]
+    """Run commands in one debugfs session; return each command's stdout. (Names are bytes as
+    surrogate-escaped str, no newline translation; a command holding a newline or carriage
+    return, which ``-f`` cannot read, runs alone.)"""
+
+    def run(args: list[str], script: str = "") -> str:
+        proc = subprocess.run(
+            ["debugfs", *(os.fsencode(a) for a in args), os.fsencode(image)],
+            input=os.fsencode(script),
+            capture_output=True,
+            check=True,
+        )
+        return os.fsdecode(proc.stdout)
+
+    if any("\n" in c or "\r" in c for c in commands):
+        return [run(["-R", c]) for c in commands]
+    out = run(["-f", "-"], "\n".join(commands) + "\n")
+    sections = re.split(r"^debugfs: .*\n?", out, flags=re.M)[1:]
+    assert len(sections) == len(commands), out[-2000:]
     return sections
 
 
 def _q(path: str) -> str:
-    return '"' + path.replace('"', '\\"') + '"'
+    """One debugfs argument (libss: double quotes, a quote doubled inside)."""
+    return '"' + path.replace('"', '""') + '"'
 
 
 def ext4_paths(image: Path) -> set[str]:
@@ -142,9 +157,9 @@ def ext4_paths(image: Path) -> set[str]:
         dirs = todo
         todo = []
         for d, out in zip(dirs, _debugfs(image, [f"ls -p {_q(d)}" for d in dirs]), strict=True):
-            for line in out.splitlines():
-                m = re.fullmatch(r"/(\d+)/(\d+)/(\d+)/(\d+)/(.*)/(\d*)/", line.strip())
-                if not m or m.group(5) in (".", ".."):
+            # /ino/mode/uid/gid/name/size/ per entry; a name may hold a newline, never a slash
+            for m in re.finditer(r"^/(\d+)/(\d+)/(\d+)/(\d+)/([^/]*)/(\d*)/$", out, flags=re.M):
+                if m.group(5) in (".", ".."):
                     continue
                 path = (d.rstrip("/") + "/" + m.group(5)).lstrip("/")
                 if path == "lost+found":
@@ -200,13 +215,20 @@ def ext4_node(image: Path, path: str, scratch: Path) -> Ext4Node:
 # --- the edge-case image --------------------------------------------------------------------
 LONG = "L" * 200 + "/" + "n" * 255
 BIG = os.urandom(200_000)
+SELINUX = b"system_u:object_r:etc_t:s0\x00"
+ACL_DIR = acl((1, 7, U), (2, 5, 1002), (4, 5, U), (0x10, 5, U), (0x20, 5, U))
+#: Names debugfs's script parser must be given quoted, or with ./ in front (<N> is an inode
+#: number to debugfs, -x an option), or raw bytes that are not UTF-8. Each has an xattr, so
+#: that the fix-up has to name it even as root.
+ODD_NAMES = ["with space", 'q"uo"te', "tab\there", "-dash", "<12>", "lat\udce9", "back\\slash"]
 
 
 def edge_case_layers(blobs: Path) -> list[Layer]:
     base = write_layer(
         blobs,
         [
-            Dir(".", mode=0o751),  # mke2fs -d does not copy the root's mode: fixed after
+            # mke2fs -d does not copy the root's mode: fixed after
+            Dir(".", mode=0o751, xattrs={"user.root": b"r", "trusted.root": b"\x00"}),
             Dir("etc"),
             File("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
             File("etc/shadow", b"root:*:::::::\n", mode=0o640, gid=42),
@@ -221,16 +243,29 @@ def edge_case_layers(blobs: Path) -> list[Layer]:
             File("usr/bin/big", BIG, mode=0o700, uid=1000, gid=1000),
             Dir("tmp", mode=0o700),  # unusual, but the image's: the boot dir must not change it
             Symlink("run", "/var/run"),  # likewise
+            Dir("dev"),
             Device("dev/null", "chr", 1, 3, mode=0o666),
             Device("dev/sda", "blk", 8, 0, mode=0o660, gid=6),
+            Device("dev/nvme0n1p9", "blk", 259, 300, mode=0o640, uid=3, gid=6),  # > 255: new form
             Fifo("dev/initctl", mode=0o600),
+            # a hard-linked device with an xattr, linked from another directory too
+            Device(
+                "dev/console", "chr", 5, 1, mode=0o620, gid=5, xattrs={"security.selinux": SELINUX}
+            ),
+            Hardlink("dev/console-link", "dev/console"),
+            Hardlink("console-elsewhere", "dev/console"),
+            Fifo("fifo", mode=0o4640, uid=7, gid=8, xattrs={"trusted.f": b"fifo"}),
             Dir(
                 "data",
                 mode=0o2775,
                 uid=1000,
                 gid=1000,
-                xattrs={"system.posix_acl_default": ACL_DEFAULT, "user.dir": b"d"},
-            ),  # fmt: skip
+                xattrs={
+                    "system.posix_acl_default": ACL_DEFAULT,
+                    "system.posix_acl_access": ACL_DIR,
+                    "user.dir": b"d",
+                },
+            ),
             File(
                 "data/acl",
                 b"acl",
@@ -239,9 +274,20 @@ def edge_case_layers(blobs: Path) -> list[Layer]:
                     "system.posix_acl_access": ACL_ACCESS,
                     "trusted.t": b"\x00\xff",
                     "user.u": b"value",
-                    "security.selinux": b"system_u:object_r:etc_t:s0\x00",
+                    "user.empty": b"",
+                    "security.selinux": SELINUX,
                 },
             ),
+            Hardlink("data/acl-link", "data/acl"),  # hard-linked, with xattrs and an ACL
+            Dir("secret", mode=0o000),  # mkfs, outside fakeroot, must still read them
+            File("secret/f", b"s", mode=0o000, uid=5),
+            Dir("names"),
+            *[
+                File(f"names/{n}", n.encode(errors="surrogateescape"), xattrs={"user.n": b"n"})
+                for n in ODD_NAMES
+            ],  # fmt: skip
+            Device("names/-dev <1>", "chr", 1, 7, mode=0o644),  # mknod takes the name raw
+            Hardlink('names/"link"', "names/-dev <1>"),
             Dir("opaque"),
             File("opaque/lower1", b"lower"),
             Dir("opaque/sub"),
@@ -314,8 +360,20 @@ def S(target: str) -> Want:
     return Want("symlink", 0o777, target=target, mtime=MTIME)
 
 
+def C(major: int, minor: int, mode: int, kind: str = "chr", **kw: object) -> Want:
+    return Want(kind, mode, rdev=(major, minor), mtime=MTIME, **kw)  # type: ignore[arg-type]
+
+
 EXTRA = {"etc/hutch/agent.conf": b"x = 1\n", "usr/local/bin/hutch-agent": b"\x7fELF agent"}
 
+ACL_FILE_XATTRS = {
+    "system.posix_acl_access": ACL_ACCESS,
+    "trusted.t": b"\x00\xff",
+    "user.u": b"value",
+    "user.empty": b"",
+    "security.selinux": SELINUX,
+}
+CONSOLE = C(5, 1, 0o620, gid=5, xattrs={"security.selinux": SELINUX})
 EXPECTED: dict[str, Want] = {
     "etc": D(),
     "etc/passwd": F(b"root:x:0:0::/root:/bin/sh\n"),
@@ -338,28 +396,39 @@ EXPECTED: dict[str, Want] = {
     "usr/lib/libc.so.6": F(b"libc"),
     "tmp": D(0o700),
     "run": S("/var/run"),
-    "dev": D(),
-    "dev/null": Want("chr", 0o666, rdev=(1, 3), mtime=MTIME),
-    "dev/sda": Want("blk", 0o660, gid=6, rdev=(8, 0), mtime=MTIME),
+    "dev": D(mtime=MTIME),  # the fix-up's rm/mknod/ln must not touch it
+    "dev/null": C(1, 3, 0o666),
+    "dev/sda": C(8, 0, 0o660, "blk", gid=6),
+    "dev/nvme0n1p9": C(259, 300, 0o640, "blk", uid=3, gid=6),
     "dev/initctl": Want("fifo", 0o600, mtime=MTIME),
+    "dev/console": CONSOLE,
+    "dev/console-link": CONSOLE,
+    "console-elsewhere": CONSOLE,
+    "fifo": Want("fifo", 0o4640, uid=7, gid=8, xattrs={"trusted.f": b"fifo"}, mtime=MTIME),
     "proc": D(0o555),  # boot dirs the image lacked
     "sys": D(0o555),
     "data": D(
         0o2775,
         uid=1000,
         gid=1000,
-        xattrs={"system.posix_acl_default": ACL_DEFAULT, "user.dir": b"d"},
-    ),  # fmt: skip
-    "data/acl": F(
-        b"acl",
-        0o664,
         xattrs={
-            "system.posix_acl_access": ACL_ACCESS,
-            "trusted.t": b"\x00\xff",
-            "user.u": b"value",
-            "security.selinux": b"system_u:object_r:etc_t:s0\x00",
+            "system.posix_acl_default": ACL_DEFAULT,
+            "system.posix_acl_access": ACL_DIR,
+            "user.dir": b"d",
         },
+        mtime=MTIME,
     ),
+    "data/acl": F(b"acl", 0o664, xattrs=ACL_FILE_XATTRS),
+    "data/acl-link": F(b"acl", 0o664, xattrs=ACL_FILE_XATTRS),
+    "secret": D(0o000, mtime=MTIME),
+    "secret/f": F(b"s", 0o000, uid=5),
+    "names": D(mtime=MTIME),
+    **{
+        f"names/{n}": F(n.encode(errors="surrogateescape"), xattrs={"user.n": b"n"})
+        for n in ODD_NAMES
+    },
+    "names/-dev <1>": C(1, 7, 0o644),
+    'names/"link"': C(1, 7, 0o644),
     "opaque": D(),
     "opaque/new": F(b"upper"),
     "shared": F(b"new shared"),
@@ -378,43 +447,33 @@ EXPECTED: dict[str, Want] = {
     "evil": S("../.."),
     "escaped": F(b"stays inside"),
 }
-SAME_INODE = [("usr/bin/ping", "usr/bin/ping6"), ("shared", "to-new-shared")]
+ROOT = Want("dir", 0o751, xattrs={"user.root": b"r", "trusted.root": b"\x00"})
+#: Names of one inode (and nothing else links to it).
+SAME_INODE = [
+    ("usr/bin/ping", "usr/bin/ping6"),
+    ("shared", "to-new-shared"),
+    ("data/acl", "data/acl-link"),
+    ("dev/console", "dev/console-link", "console-elsewhere"),
+    ("names/-dev <1>", 'names/"link"'),
+]
 
 
-def test_build_base_disk_matches_the_layers_entry_by_entry(tmp_path: Path) -> None:
-    layers = edge_case_layers(tmp_path / "blobs")
-    out = tmp_path / "img" / "base.ext4"
-    messages: list[str] = []
-    info = build_base_disk(
-        inputs(*layers), out, size_bytes=128 * MIB, progress=messages.append, extra_files=EXTRA
-    )
-
-    # The disk file: complete, read-only, sparse, nothing left beside it.
-    st = out.stat()
-    assert st.st_mode & 0o777 == 0o444
-    assert info.size == st.st_size == 128 * MIB
-    assert 0 < info.allocated == st.st_blocks * 512 < 64 * MIB
-    assert os.listdir(out.parent) == ["base.ext4"]
-    assert info.diff_ids == tuple(x.diff_id for x in layers)
-    assert info.bytes_applied == sum(len(_untar(x)) for x in layers)
-    assert info.file_count == len(EXPECTED)
-    assert info.tree_on_tmpfs
-    assert any("layer 1/3" in m for m in messages) and any("layer 3/3" in m for m in messages)
-    assert any("mkfs.ext4" in m for m in messages)
+def check_disk(
+    out: Path, expected: dict[str, Want], same_inode: list[tuple[str, ...]], scratch: Path
+) -> None:
+    """The ext4 at ``out`` passes e2fsck and holds exactly ``expected``, entry by entry."""
     fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-
     # Exactly the expected entries...
-    assert ext4_paths(out) == set(EXPECTED)
+    assert ext4_paths(out) == set(expected)
     # ...each as the layers say.
-    scratch = tmp_path / "debugfs"
-    scratch.mkdir()
-    got = {path: ext4_node(out, path, scratch) for path in EXPECTED}
-    for path, want in EXPECTED.items():
+    scratch.mkdir(exist_ok=True)
+    got = {path: ext4_node(out, path, scratch) for path in [*expected, ""]}
+    for path, want in [*expected.items(), ("", ROOT)]:
         node = got[path]
-        assert (node.type, node.mode, node.uid, node.gid) == (
+        assert (node.type, oct(node.mode), node.uid, node.gid) == (
             want.type,
-            want.mode,
+            oct(want.mode),
             want.uid,
             want.gid,
         ), path
@@ -428,11 +487,127 @@ def test_build_base_disk_matches_the_layers_entry_by_entry(tmp_path: Path) -> No
         assert have == wanted, path
         if want.mtime is not None:
             assert node.mtime == want.mtime, path
-    root = ext4_node(out, "", scratch)
-    assert (root.type, root.mode, root.uid, root.gid) == ("dir", 0o751, 0, 0)
-    for a, b in SAME_INODE:
-        assert got[a].ino == got[b].ino and got[a].links == 2, (a, b)
-    assert got["shared-alias"].ino != got["shared"].ino and got["shared-alias"].links == 1
+    linked = set()
+    for names in same_inode:
+        assert len({got[n].ino for n in names}) == 1, names
+        assert got[names[0]].links == len(names), names
+        linked.update(names)
+    for path, node in got.items():
+        if path not in linked and node.type != "dir":
+            assert node.links == 1, path
+    assert got["shared-alias"].ino != got["shared"].ino
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["plain-mkfs", "fakeroot-mkfs"])
+def test_build_base_disk_matches_the_layers_entry_by_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plain: bool
+) -> None:
+    monkeypatch.setattr(rootfs, "PLAIN_MKFS", plain)
+    layers = edge_case_layers(tmp_path / "blobs")
+    out = tmp_path / "img" / "base.ext4"
+    messages: list[str] = []
+    info = build_base_disk(
+        inputs(*layers), out, size_bytes=128 * MIB, progress=messages.append, extra_files=EXTRA
+    )
+
+    # The fast path when asked for, with the real tree's differences fixed up by debugfs.
+    assert info.mkfs_mode == ("plain" if plain else "fakeroot")
+    assert any("metadata fix-ups" in m for m in messages) == plain
+    # The disk file: complete, read-only, sparse, nothing left beside it.
+    st = out.stat()
+    assert st.st_mode & 0o777 == 0o444
+    assert info.size == st.st_size == 128 * MIB
+    assert 0 < info.allocated == st.st_blocks * 512 < 64 * MIB
+    assert os.listdir(out.parent) == ["base.ext4"]
+    assert info.diff_ids == tuple(x.diff_id for x in layers)
+    assert info.bytes_applied == sum(len(_untar(x)) for x in layers)
+    assert info.file_count == len(EXPECTED)
+    assert info.tree_on_tmpfs
+    assert any("layer 1/3" in m for m in messages) and any("layer 3/3" in m for m in messages)
+    assert any("mkfs.ext4" in m for m in messages)
+    check_disk(out, EXPECTED, SAME_INODE, tmp_path / "debugfs")
+
+
+def _fail_fixup(real: Callable[[Path, Path], str | None]) -> Callable[[Path, Path], str | None]:
+    def run(image: Path, script: Path) -> str | None:
+        assert real(image, script) is None  # it did run, and left its marks on the disk
+        return "simulated failure"
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "newline-name",
+        "carriage-return-name",
+        "huge-device-number",
+        "fixup-fails",
+        "mkfs-fails",
+        "slow",
+    ],
+)
+def test_fallback_to_mkfs_under_fakeroot_builds_the_same_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """When the fix-up cannot be written (or fails, or would be slow), mkfs runs in the fakeroot
+    session instead, and the disk is the same."""
+    layers = edge_case_layers(tmp_path / "blobs")
+    expected = dict(EXPECTED)
+    extra: list[Entry] = []
+    if case == "newline-name":
+        extra = [File("new\nline", b"nl", xattrs={"user.n": b"n"})]
+        expected["new\nline"] = F(b"nl", xattrs={"user.n": b"n"})
+    elif case == "carriage-return-name":
+        extra = [File("car\rriage", b"cr", xattrs={"user.n": b"n"})]
+        expected["car\rriage"] = F(b"cr", xattrs={"user.n": b"n"})
+    elif case == "huge-device-number":  # debugfs's mknod takes at most 65535:65535
+        extra = [Device("big-minor", "chr", 240, 70_000, mode=0o600)]
+        expected["big-minor"] = C(240, 70_000, 0o600)
+    elif case == "fixup-fails":
+        monkeypatch.setattr(rootfs, "_run_debugfs_script", _fail_fixup(rootfs._run_debugfs_script))
+    elif case == "mkfs-fails":
+
+        def wait_mkfs(proc: subprocess.Popen[str], *args: object) -> None:
+            proc.wait()
+            raise ImageError("simulated mkfs failure")
+
+        monkeypatch.setattr(rootfs, "wait_mkfs", wait_mkfs)
+    else:
+        monkeypatch.setattr(rootfs, "_FAKEROOT_PER_ENTRY", 0.0)
+    if extra:
+        layers.append(write_layer(tmp_path / "blobs", extra))
+    out = tmp_path / "img" / "base.ext4"
+    messages: list[str] = []
+    info = build_base_disk(
+        inputs(*layers), out, size_bytes=128 * MIB, progress=messages.append, extra_files=EXTRA
+    )
+    assert info.mkfs_mode == "fakeroot"
+    reason = {
+        "newline-name": "newline or carriage return",
+        "carriage-return-name": "newline or carriage return",
+        "huge-device-number": "too large for debugfs",
+        "fixup-fails": "simulated failure",
+        "mkfs-fails": "simulated mkfs failure",
+        "slow": "would take",
+    }[case]
+    assert any(reason in m for m in messages), messages
+    assert os.listdir(out.parent) == ["base.ext4"]
+    check_disk(out, expected, SAME_INODE, tmp_path / "debugfs")
+
+
+def test_debugfs_script_failures_are_detected(tmp_path: Path) -> None:
+    """debugfs exits 0 whatever its commands do: the fix-up's outcome is read from its output."""
+    image = tmp_path / "x.ext4"
+    with image.open("wb") as f:
+        f.truncate(16 * MIB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    script = tmp_path / "s.debugfs"
+    script.write_bytes(b'sif "/lost+found" uid 5\nmknod x p\n')
+    assert rootfs._run_debugfs_script(image, script) is None
+    for bad in (b"sif /missing uid 5\n", b"ea_set / user.x\n", b"no_such_command\n"):
+        script.write_bytes(bad)
+        assert rootfs._run_debugfs_script(image, script) is not None, bad
 
 
 def _untar(layer: Layer) -> bytes:

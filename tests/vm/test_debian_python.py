@@ -13,7 +13,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 async def test_debian_python_runs_python() -> None:
     async with hutch.Box("debian-python", memory_mib=512) as box:
-        assert box.image_record is not None and box.image_record.source.startswith(("builtin", "archive"))
+        assert box.image_record is not None and box.image_record.source.startswith(
+            ("builtin", "archive")
+        )
         r = await box.exec(
             "python3",
             "-c",

@@ -21,7 +21,12 @@ is computed on the way. Full OCI semantics:
   ``trusted.*``, ``user.*``).
 
 Ownership, devices and privileged xattrs need root: the caller runs this inside ``fakeroot`` (see
-:mod:`hutch.images.rootfs`), which records them for ``mkfs.ext4 -d`` in the same session.
+:mod:`hutch.images.rootfs`). Given a :class:`TreeMeta`, the applier also writes down, for every
+path it creates, the metadata the image wants there (type, mode, owner, device number, xattrs)
+— what the fakeroot session reports, without asking it (each question is a round trip to
+``faked``) — so that ``mkfs.ext4 -d`` can run *outside* fakeroot and the real tree's
+approximations (the calling user's ownership, devices as empty files, no privileged xattrs) be
+corrected in the image afterwards.
 
 Hostile input
 -------------
@@ -102,6 +107,8 @@ from hutch.images.oci import LAYER_COMPRESSION
 __all__ = [
     "LayerBudget",
     "LayerLimits",
+    "TreeMeta",
+    "Wanted",
     "apply_layer",
     "ensure_dirs",
     "write_file",
@@ -178,6 +185,28 @@ class LayerBudget:
         self.warning_count += 1
         if len(self.warnings) < _MAX_WARNINGS:
             self.warnings.append(message)
+
+
+#: What the image wants for one inode: (st_mode incl. the file type bits, uid, gid, st_rdev,
+#: xattrs as sorted (name, value) pairs). Hard links share the same tuple.
+Wanted = tuple[int, int, int, int, tuple[tuple[str, bytes], ...]]
+
+
+@dataclass
+class TreeMeta:
+    """The metadata the image wants for every path of the tree, written by the applier as it goes
+    (no stat/getxattr calls: under fakeroot each is a round trip to ``faked``).
+
+    ``entries`` maps a root-relative key (``"a/b"``, ``""`` = the root; components as decoded by
+    ``os.fsdecode``) to its :data:`Wanted`. Pass the same object for every layer, the extra
+    files and the boot directories. Keys of deleted paths are not removed (that would cost a scan
+    per deleted directory): a path that exists at the end always has the record its last creation
+    wrote, so look records up only for paths found in the tree. A path with no record was not
+    made by the applier (e.g. a hard link to something it did not record): treat the record as
+    unusable for it.
+    """
+
+    entries: dict[str, Wanted] = field(default_factory=dict)
 
 
 class _Refused(Exception):
@@ -370,7 +399,15 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 class _Applier:
     """Applies the entries of one layer onto ``root`` (a directory we own exclusively)."""
 
-    def __init__(self, root: Path, label: str, limits: LayerLimits, budget: LayerBudget) -> None:
+    def __init__(
+        self,
+        root: Path,
+        label: str,
+        limits: LayerLimits,
+        budget: LayerBudget,
+        meta: TreeMeta | None = None,
+    ) -> None:
+        self.meta = meta.entries if meta is not None else None
         self.root = os.fspath(root).rstrip("/") or "/"
         try:
             st = os.lstat(self.root)
@@ -393,7 +430,23 @@ class _Applier:
         self._ancestors: set[str] = {""}
         #: directories whose mode and mtime are set at the end: (key, mode, mtime ns, removals)
         self._deferred: list[tuple[str, int, int, int]] = []
+        #: key -> index in _deferred of the entry that applies to the directory there now (the
+        #: last one; none if the directory was since deleted and made again implicitly)
+        self._deferred_last: dict[str, int] = {}
         self._removals = 0  # bumped whenever something is deleted (keys may change meaning)
+
+    def record(
+        self,
+        key: str,
+        mode: int,
+        owner: tuple[int, int] = (0, 0),
+        rdev: int = 0,
+        xattrs: dict[str, bytes] | None = None,
+    ) -> None:
+        """Write down what the image wants at ``key`` (``mode`` includes the file type)."""
+        if self.meta is not None:
+            xa = tuple(sorted(xattrs.items())) if xattrs else ()
+            self.meta[key] = (mode, owner[0], owner[1], rdev, xa)
 
     # -- paths --
     def host(self, key: str) -> str:
@@ -475,6 +528,8 @@ class _Applier:
         os.chown(path, 0, 0, follow_symlinks=False)
         os.chmod(path, 0o755)
         self._dirs.add(key)
+        self._deferred_last.pop(key, None)  # a Dir entry of this layer made another directory
+        self.record(key, stat.S_IFDIR | 0o755)
 
     def _mark(self, key: str) -> None:
         self._created.add(key)
@@ -610,6 +665,8 @@ class _Applier:
         # round trip under fakeroot). Modes without u+rw are not: mkfs, as the real user under
         # fakeroot, must still read the file (fakeroot's chmod keeps u+rw on the real file).
         direct = mode & 0o7600 == 0o600 and mode & _umask() == 0
+        xattrs = self._wanted_xattrs(ti, "file")
+        owner = self._owner(ti)
         fd: int = self._create(key, lambda p: os.open(p, flags, mode if direct else 0o600))
         try:
             if ti.size:
@@ -619,8 +676,6 @@ class _Applier:
                 if stream.tell() != ti.offset_data:
                     raise _Refused("data not where the header says")
                 stream.copy_to(fd, ti.size)
-            xattrs = self._wanted_xattrs(ti, "file")
-            owner = self._owner(ti)
             if owner != (0, 0) or xattrs or not _unknown_is_root():
                 os.fchown(fd, *owner)
             for name, value in xattrs.items():
@@ -631,6 +686,7 @@ class _Applier:
             os.utime(fd, ns=(ns, ns))
         finally:
             os.close(fd)
+        self.record(key, stat.S_IFREG | mode, owner, 0, xattrs)
 
     def _dir(self, key: str, ti: tarfile.TarInfo, *, existed: bool) -> None:
         path = self.host(key)
@@ -643,15 +699,19 @@ class _Applier:
                 else:
                     self.remove(key)
                     os.mkdir(path, 0o700)
-        os.chown(path, *self._owner(ti), follow_symlinks=False)
+        owner = self._owner(ti)
+        os.chown(path, *owner, follow_symlinks=False)
+        wanted = self._wanted_xattrs(ti, "dir")
         if existed:  # the entry's xattrs replace those of the lower directory
-            wanted = self._wanted_xattrs(ti, "dir")
             for name in os.listxattr(path, follow_symlinks=False):
                 if name not in wanted:
                     os.removexattr(path, name, follow_symlinks=False)
-        self._xattrs(ti, path, "dir")
+        self._set_xattrs(path, wanted)
         self._dirs.add(key)
+        # The mode is set in finish() (where the last entry for a path wins, as here).
+        self._deferred_last[key] = len(self._deferred)
         self._deferred.append((key, ti.mode & 0o7777, self._mtime_ns(ti), self._removals))
+        self.record(key, stat.S_IFDIR | (ti.mode & 0o7777), owner, 0, wanted)
 
     def _symlink(self, ti: tarfile.TarInfo, key: str) -> None:
         target = ti.linkname
@@ -672,6 +732,7 @@ class _Applier:
         self._set_xattrs(path, xattrs)
         ns = self._mtime_ns(ti)
         os.utime(path, ns=(ns, ns), follow_symlinks=False)
+        self.record(key, stat.S_IFLNK | 0o777, owner, 0, xattrs)
 
     def _hardlink(self, ti: tarfile.TarInfo, key: str) -> None:
         tparts = self.split(ti.linkname, "hard link target")
@@ -683,6 +744,12 @@ class _Applier:
         tkey = f"{tparent}/{tparts[-1]}" if tparent else tparts[-1]
         if tkey == key:
             return  # a link to itself: nothing to do
+        if self.meta is not None:  # the new name shares the target's inode, so its metadata
+            wanted = self.meta.get(tkey)
+            if wanted is not None:
+                self.meta[key] = wanted
+            else:
+                self.meta.pop(key, None)  # unknown: no record is better than a stale one
         src, dst = self.host(tkey), self.host(key)
         try:
             tst = os.lstat(src)
@@ -718,11 +785,14 @@ class _Applier:
         os.mknod(path, kind | 0o600, dev)
         if stat.S_ISLNK(os.lstat(path).st_mode):  # cannot happen; never chmod through one
             raise _Refused("device node creation raced with a symlink")
-        os.chown(path, *self._owner(ti), follow_symlinks=False)
-        self._xattrs(ti, path, "node")
+        owner = self._owner(ti)
+        os.chown(path, *owner, follow_symlinks=False)
+        xattrs = self._wanted_xattrs(ti, "node")
+        self._set_xattrs(path, xattrs)
         os.chmod(path, ti.mode & 0o7777)  # a node we just made, not a symlink
         ns = self._mtime_ns(ti)
         os.utime(path, ns=(ns, ns), follow_symlinks=False)
+        self.record(key, kind | (ti.mode & 0o7777), owner, dev, xattrs)
 
     # -- metadata --
     @staticmethod
@@ -781,21 +851,18 @@ class _Applier:
                 raise _Refused(f"xattrs take {cost} bytes; ext4 holds about 4 KiB per inode")
         return found
 
-    def _xattrs(self, ti: tarfile.TarInfo, path: str, kind: str) -> None:
-        self._set_xattrs(path, self._wanted_xattrs(ti, kind))
-
     @staticmethod
     def _set_xattrs(path: str, xattrs: dict[str, bytes]) -> None:
         for name, value in xattrs.items():
             os.setxattr(path, name, value, follow_symlinks=False)
 
     def finish(self) -> None:
-        """Set directory modes and mtimes, children first; the last entry for a path wins."""
-        done: set[str] = set()
-        for key, mode, ns, removals in reversed(self._deferred):
-            if key in done:
+        """Set directory modes and mtimes, children first; the last entry for a path wins, and
+        none if that directory was deleted and the path made a directory again implicitly."""
+        for i in range(len(self._deferred) - 1, -1, -1):
+            key, mode, ns, removals = self._deferred[i]
+            if self._deferred_last.get(key) != i:
                 continue
-            done.add(key)
             path = self.host(key)
             if removals != self._removals:  # something was deleted since: check it's still a dir
                 try:
@@ -851,6 +918,7 @@ def apply_layer(
     budget: LayerBudget,
     name: str | None = None,
     progress: Callable[[int], None] | None = None,
+    meta: TreeMeta | None = None,
 ) -> str:
     """Apply the layer in ``blob`` onto the directory ``root``; return its ``sha256:`` diff_id.
 
@@ -859,7 +927,8 @@ def apply_layer(
     (the layer has been applied by then; the caller discards the tree). ``budget`` accumulates
     across the layers of one image and is checked against ``limits``. ``name`` (default: the
     blob's file name) identifies the layer in errors; ``progress`` is called with the
-    uncompressed byte count every 256 MiB.
+    uncompressed byte count every 256 MiB. ``meta``: if given, receives what the image wants for
+    every path the layer creates (pass the same object for every layer of an image).
 
     Raises ImageError (bad or hostile layer), StorageError (ENOSPC and such on ``root``),
     SetupError (ownership refused: not running under fakeroot or as root).
@@ -871,7 +940,7 @@ def apply_layer(
             f"layer {label}: unsupported media type {media_type!r}",
             hint="hutch reads tar layers, plain, gzip or zstd compressed.",
         )
-    applier = _Applier(root, label, limits, budget)
+    applier = _Applier(root, label, limits, budget, meta)
     try:
         raw = open(blob, "rb", buffering=_CHUNK)  # noqa: SIM115 (closed in finally)
     except OSError as e:
@@ -959,11 +1028,18 @@ def _os_error(e: OSError, label: str, entry: str, root: Path) -> HutchError:
 
 
 def write_file(
-    root: Path, path: str, data: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0
+    root: Path,
+    path: str,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    uid: int = 0,
+    gid: int = 0,
+    meta: TreeMeta | None = None,
 ) -> None:
     """Put a file at ``path`` inside ``root`` with the applier's rules (parents resolved inside
-    the root, missing ones created, whatever is there replaced)."""
-    applier = _Applier(root, "extra files", LayerLimits(), LayerBudget())
+    the root, missing ones created, whatever is there replaced; recorded in ``meta``)."""
+    applier = _Applier(root, "extra files", LayerLimits(), LayerBudget(), meta)
     try:
         parts = applier.split(path)
         if not parts:
@@ -979,15 +1055,19 @@ def write_file(
             os.fchmod(fd, mode)
         finally:
             os.close(fd)
+        applier.record(key, stat.S_IFREG | (mode & 0o7777), (uid, gid))
     except _Refused as e:
         raise ImageError(f"extra file {path!r}: {e}") from None
     except OSError as e:
         raise _os_error(e, "extra files", path, root) from e
 
 
-def ensure_dirs(root: Path, dirs: tuple[tuple[str, int], ...]) -> list[str]:
+def ensure_dirs(
+    root: Path, dirs: tuple[tuple[str, int], ...], meta: TreeMeta | None = None
+) -> list[str]:
     """Create top-level directories ``(name, mode)`` owned by root where nothing exists under
-    that name (an existing entry, even a dangling symlink, is left alone). Returns those made."""
+    that name (an existing entry, even a dangling symlink, is left alone). Returns those made
+    (and records them in ``meta``)."""
     made = []
     for name, mode in dirs:
         path = os.path.join(root, name)
@@ -997,4 +1077,6 @@ def ensure_dirs(root: Path, dirs: tuple[tuple[str, int], ...]) -> list[str]:
         os.chown(path, 0, 0, follow_symlinks=False)
         os.chmod(path, mode)
         made.append(name)
+        if meta is not None:
+            meta.entries[name] = (stat.S_IFDIR | mode, 0, 0, 0, ())
     return made

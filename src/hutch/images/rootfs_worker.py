@@ -1,10 +1,19 @@
 """The half of :func:`hutch.images.rootfs.build_base_disk` that runs inside ``fakeroot``.
 
-``fakeroot -- python -m hutch.images.rootfs_worker`` reads one JSON job on stdin, applies the
-layers into the job's tree, adds extra files and boot directories, and runs ``mkfs.ext4 -d`` —
-a child process, so it shares this fakeroot session and records the faked owners, modes, device
-nodes and xattrs. Output: JSON lines on stdout (``progress`` events, then ``done`` or ``error``);
-nothing else is written to stdout. Not a public interface.
+``fakeroot -- python -m hutch.images.rootfs_worker`` reads one JSON job (one line) on stdin,
+applies the layers into the job's tree and adds extra files and boot directories, recording
+what the image wants for every path (:class:`hutch.images.layers.TreeMeta`). Then:
+
+* job ``"plain": true``: it pickles that record to ``job["meta"]``, answers a ``tree`` event and
+  waits for one more line on stdin: ``exit`` (the caller ran ``mkfs.ext4`` itself, outside
+  fakeroot, and corrected the metadata with debugfs) or ``fakeroot`` (the caller could not:
+  continue as below, in this still-open session);
+* otherwise, or after ``fakeroot``: it runs ``mkfs.ext4 -d`` as a child process, so mke2fs shares
+  this session and records the faked owners, modes, device nodes and xattrs (3–4 times slower:
+  every stat and getxattr of mke2fs is a round trip to ``faked``), and answers ``done``.
+
+Output: JSON lines on stdout (``progress`` events, then ``tree``/``done`` or ``error``); nothing
+else is written to stdout. Not a public interface.
 """
 
 from __future__ import annotations
@@ -13,12 +22,13 @@ import base64
 import errno
 import json
 import os
+import pickle
 import stat
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +36,7 @@ from hutch.errors import HutchError, ImageError, SetupError, StorageError
 from hutch.images.layers import (
     LayerBudget,
     LayerLimits,
+    TreeMeta,
     apply_layer,
     ensure_dirs,
     free_space_note,
@@ -51,29 +62,56 @@ def _short(digest: str) -> str:
     return f"{algo}:{hexpart[:12]}" if hexpart else digest
 
 
-def _count_entries(tree: str) -> int:
-    """Entries below the root, from directory listings only (no per-file stat)."""
+def _count_entries(tree: str, meta: TreeMeta | None = None) -> int:
+    """Entries below the root, from directory listings only (no per-file stat).
+
+    With ``meta``: also make sure ``mkfs.ext4``, run as the calling user outside fakeroot, can
+    read every file and list every directory whose wanted mode would deny the owner that
+    (fakeroot's chmod keeps u+rw / u+rwx on the real file: redoing the chmod costs one round
+    trip, for these rare entries only, and changes nothing the session reports)."""
     count = 0
-    stack = [tree]
+    stack = [(tree, "")]
+    wanted = meta.entries if meta is not None else None
     while stack:
-        with os.scandir(stack.pop()) as it:
+        path, rel = stack.pop()
+        with os.scandir(path) as it:
             for entry in it:
                 count += 1
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
+                is_dir = entry.is_dir(follow_symlinks=False)
+                key = f"{rel}/{entry.name}" if rel else entry.name
+                if is_dir:
+                    stack.append((entry.path, key))
+                if wanted is None or entry.is_symlink():
+                    continue
+                want = wanted.get(key)
+                need = stat.S_IRUSR | stat.S_IXUSR if is_dir else stat.S_IRUSR
+                if want is not None and want[0] & need != need:
+                    os.chmod(entry.path, stat.S_IMODE(want[0]))  # not a symlink: see above
     return count
 
 
-def _mkfs(job: dict[str, Any], tree: str, out: str, entries: int, applied: int) -> None:
-    size = int(job["size_bytes"])
-    options = list(job["mkfs_options"])
+def start_mkfs(
+    options: Sequence[str], size: int, tree: str, out: str, entries: int
+) -> subprocess.Popen[str]:
+    """Start ``mkfs.ext4 -d tree out`` (with more inodes than the default when needed)."""
+    options = list(options)
     if entries * 5 // 4 + 1024 > size // _INODE_RATIO:  # more files than default inodes
         options += ["-N", str(entries * 3 // 2 + 4096)]
-    cmd = ["mkfs.ext4", *options, "-d", tree, out]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return subprocess.Popen(
+        ["mkfs.ext4", *options, "-d", tree, out],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_mkfs(proc: subprocess.Popen[str], size: int, out: str, entries: int, applied: int) -> None:
+    """Wait for :func:`start_mkfs`'s mkfs; failures become StorageError / ImageError."""
+    output, _ = proc.communicate()
     if proc.returncode == 0:
         return
-    text = (proc.stdout + proc.stderr).strip()
+    text = output.strip()
     tail = text[-1500:] or f"exit status {proc.returncode}"
     if any(s in text for s in ("allocate", "No space left", "too small", "too big for filesystem")):
         out_dir = os.path.dirname(out)
@@ -117,7 +155,11 @@ def _fix_root(tree: str, out: str) -> None:
             raise ImageError(f"cannot set the root directory's {name}: {proc.stderr.strip()}")
 
 
-def run(job: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
+def run(
+    job: dict[str, Any], progress: Callable[[str], None], decide: Callable[[dict[str, Any]], str]
+) -> dict[str, Any] | None:
+    """Do the job; return the ``done`` event's fields, or None when ``decide`` (given the
+    ``tree`` event's fields, in plain mode) answered that the caller builds the disk."""
     if os.geteuid() != 0:
         raise SetupError(
             f"fakeroot did not take effect (effective uid {os.geteuid()} inside the session)",
@@ -127,6 +169,10 @@ def run(job: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
     out = str(job["out"])
     os.chown(tree, 0, 0)
     os.chmod(tree, 0o755)
+    plain = bool(job.get("plain"))
+    meta = TreeMeta() if plain else None
+    if meta is not None:
+        meta.entries[""] = (stat.S_IFDIR | 0o755, 0, 0, 0, ())
     limits = LayerLimits(**job["limits"])
     budget = LayerBudget()
     layers = job["layers"]
@@ -150,6 +196,7 @@ def run(job: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
                 budget=budget,
                 name=digest,
                 progress=report,
+                meta=meta,
             )
         )
         progress(
@@ -158,25 +205,24 @@ def run(job: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
         )
     for extra in job.get("extra_files", []):
         write_file(
-            Path(tree), str(extra["path"]), base64.b64decode(extra["data"]), mode=int(extra["mode"])
+            Path(tree),
+            str(extra["path"]),
+            base64.b64decode(extra["data"]),
+            mode=int(extra["mode"]),
+            meta=meta,
         )
-    made = ensure_dirs(Path(tree), tuple((str(n), int(m)) for n, m in job["boot_dirs"]))
+    made = ensure_dirs(Path(tree), tuple((str(n), int(m)) for n, m in job["boot_dirs"]), meta)
     if made:
         progress(f"added missing boot directories: {' '.join('/' + m for m in made)}")
-    entries = _count_entries(tree)
-    progress(f"mkfs.ext4: {entries} entries into a {int(job['size_bytes']) >> 20} MiB disk")
-    t0 = time.monotonic()
-    _mkfs(job, tree, out, entries, budget.bytes_used)
-    _fix_root(tree, out)
-    progress(f"mkfs.ext4 done ({time.monotonic() - t0:.1f} s)")
+    entries = _count_entries(tree, meta)
     probe_name = str(job["boot_dirs"][0][0])
-    st = os.lstat(os.path.join(tree, probe_name))  # faked owner, as mkfs saw it
+    st = os.lstat(os.path.join(tree, probe_name))  # the faked owner, to check the disk against
     if budget.warning_count:
         progress(f"{budget.warning_count} attribute(s) skipped, e.g. {budget.warnings[0]}")
     warnings = list(budget.warnings)
     if budget.warning_count > len(warnings):
         warnings.append(f"... and {budget.warning_count - len(warnings)} more")
-    return {
+    result = {
         "diff_ids": diff_ids,
         "bytes_applied": budget.bytes_used,
         "entries_applied": budget.entries_used,
@@ -184,12 +230,31 @@ def run(job: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
         "warnings": warnings,
         "probe": [f"/{probe_name}", st.st_uid, st.st_gid],
     }
+    if meta is not None:
+        with open(str(job["meta"]), "wb") as f:
+            pickle.dump(meta.entries, f, protocol=pickle.HIGHEST_PROTOCOL)
+        if decide(result) != "fakeroot":
+            return None
+    size = int(job["size_bytes"])
+    progress(f"mkfs.ext4 (under fakeroot): {entries} entries into a {size >> 20} MiB disk")
+    t0 = time.monotonic()
+    mkfs = start_mkfs(job["mkfs_options"], size, tree, out, entries)
+    wait_mkfs(mkfs, size, out, entries, budget.bytes_used)
+    _fix_root(tree, out)
+    progress(f"mkfs.ext4 done ({time.monotonic() - t0:.1f} s)")
+    return result
+
+
+def _decide(result: dict[str, Any]) -> str:
+    """Hand the applied tree to the caller; wait for what to do next (EOF: nothing)."""
+    _emit(event="tree", **result)
+    return sys.stdin.readline().strip() or "exit"
 
 
 def main() -> int:
     try:
-        job = json.load(sys.stdin)
-        result = run(job, _progress)
+        job = json.loads(sys.stdin.readline())
+        result = run(job, _progress, _decide)
     except HutchError as e:
         _emit(event="error", type=type(e).__name__, message=e.message, hint=e.hint)
         return 1
@@ -217,7 +282,8 @@ def main() -> int:
             hint="This is a bug in hutch; the traceback is on the helper's stderr.",
         )
         return 1
-    _emit(event="done", **result)
+    if result is not None:
+        _emit(event="done", **result)
     return 0
 
 
