@@ -14,7 +14,7 @@ from hutch.images.store import ImageStore
 from hutch.paths import HutchPaths
 from tests.conftest import hutch_cli
 from tests.support.homes import make_home
-from tests.support.images import busybox_layer, write_oci_layout
+from tests.support.images import busybox_layer, write_docker_save, write_oci_layout
 
 pytestmark = pytest.mark.vm
 
@@ -74,6 +74,13 @@ def test_cli_images_inspect_rmi(image_home: Path) -> None:
     assert listing.returncode == 0 and b"localhost/cfg:1" in listing.stdout
     inspect = hutch_cli("inspect", "localhost/cfg:1", env_extra=env)
     assert b'"user": "app"' in inspect.stdout
+    saved = image_home.parent / "saved.tar"
+    write_docker_save(saved, [busybox_layer()], {"Cmd": ["true"]}, ["saved:1"])
+    loaded = hutch_cli("load", str(saved), "-t", "localhost/loaded:2", env_extra=env)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.startswith(b"loaded localhost/loaded:2 sha256:")
+    bad = hutch_cli("load", str(image_home / "config.toml"), env_extra=env)
+    assert bad.returncode == 125 and b"neither a folder nor a tar" in bad.stderr
     missing = hutch_cli("rmi", "localhost/nope:1", env_extra=env)
     assert missing.returncode == 125 and b"hutch pull" in missing.stderr
     assert os.path.isdir(image_home / "images")
