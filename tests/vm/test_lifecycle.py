@@ -86,8 +86,10 @@ def test_qemu_dies_with_its_owner_on_sigkill(manifest: object) -> None:
     finally:
         if owner.poll() is None:
             owner.kill()
-        if box_dir:
-            shutil.rmtree(box_dir, ignore_errors=True)  # its disk is kept (nothing reclaims it yet)
+        if box_dir:  # the dead owner's box stays recorded (stopped, disk kept): remove it
+            paths = hutch.Box().paths
+            hutch.box.store_for(paths).delete(Path(box_dir).name, missing_ok=True)
+            shutil.rmtree(box_dir, ignore_errors=True)
 
 
 def test_cli_run_streams_and_exit_code(manifest: object) -> None:
