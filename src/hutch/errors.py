@@ -39,38 +39,49 @@ class TimeoutError(HutchError, builtins.TimeoutError):
 
 class NotFoundError(HutchError):
     http_status = 404
+    default_hint = "Check the name; `hutch ps -a` lists boxes and `hutch images` images."
 
 
 class ConflictError(HutchError):
     http_status = 409
+    default_hint = "Pick another name, or remove what holds this one first."
 
 
 class InvalidStateError(HutchError):
     http_status = 409
+    default_hint = "Check the box's state (`hutch ps -a`); start or stop it first."
 
 
 class BadRequestError(HutchError):
     http_status = 400
+    default_hint = "Fix the request as the message says."
 
 
 class ConfigError(BadRequestError):
     http_status = 400
+    default_hint = "Fix the option or config.toml key the message names."
 
 
 class UnauthorizedError(HutchError):
     http_status = 401
+    default_hint = (
+        "Check the credentials (config.toml [registries], ~/.docker/config.json, the token)."
+    )
 
 
 class ImageError(HutchError):
     http_status = 400
+    default_hint = "The image is invalid or could not be fetched; see the message."
 
 
 class StorageError(HutchError):
     http_status = 500
+    default_hint = "Free disk space (`hutch prune`) or make HUTCH_HOME writable."
 
 
 class NetworkError(HutchError):
     http_status = 500
+    default_hint = "Check that the host is reachable; retrying resumes where it stopped."
 
 
 class PortalError(HutchError):
@@ -89,6 +100,7 @@ class EngineError(HutchError):
 
 class UnsupportedEngineError(EngineError):
     http_status = 500
+    default_hint = "Use accel='auto' or 'tcg'; `hutch doctor` says why KVM is not usable."
 
 
 class SetupError(HutchError):
@@ -100,6 +112,7 @@ class SetupError(HutchError):
 
 class ParseError(HutchError):
     http_status = 400
+    default_hint = "The input could not be parsed; check its format."
 
 
 class OutputLimitError(HutchError):
@@ -111,6 +124,18 @@ class OutputLimitError(HutchError):
 
 class InternalError(HutchError):
     http_status = 500
+    default_hint = "This is a bug in hutch: please report it with the message."
+
+
+def status_table() -> dict[str, int]:
+    """The one mapping of error classes to HTTP statuses (what the server sends)."""
+    out: dict[str, int] = {}
+    todo: list[type[HutchError]] = [HutchError]
+    while todo:
+        cls = todo.pop()
+        out[cls.__name__] = cls.http_status
+        todo.extend(cls.__subclasses__())
+    return dict(sorted(out.items()))
 
 
 class ExecutionError(HutchError):

@@ -1,0 +1,31 @@
+"""The error tree: one status table, a hint on every error, documented in the README."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import hutch.errors as errors
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def test_every_error_has_a_hint_a_status_and_a_readme_row() -> None:
+    classes = [
+        c
+        for _, c in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(c, errors.HutchError)
+    ]
+    table = errors.status_table()
+    assert set(table) == {c.__name__ for c in classes}
+    for cls in classes:
+        assert cls.http_status in {400, 401, 404, 408, 409, 500, 503}, cls
+        if cls is errors.HutchError:
+            continue
+        if cls is errors.ExecutionError:
+            e: errors.HutchError = cls(["false"], 1, "", "")
+        else:
+            e = cls("something went wrong")
+        assert e.hint, f"{cls.__name__} has no default hint"
+        assert f"\nhint: {e.hint}" in str(e)
+        assert f"`{cls.__name__}`" in README, f"{cls.__name__} is missing from README's error table"
