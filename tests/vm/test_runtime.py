@@ -161,6 +161,11 @@ async def test_cli_ps_logs_rm(home: Path) -> None:
     assert hutch_cli("ps", "--json", env_extra=env).stdout.strip() == b"[]"
     listing = json.loads(hutch_cli("ps", "-a", "--json", env_extra=env).stdout)
     assert [(r["name"], r["state"]) for r in listing] == [("cli-box", "stopped")]
+    doc = json.loads(hutch_cli("inspect", "cli-box", env_extra=env).stdout)
+    assert (doc["kind"], doc["state"], doc["options"]["image"]) == ("box", "stopped", "busybox")
+    assert [e["kind"] for e in doc["events"]][:2] == ["created", "start"]
+    nothing = hutch_cli("inspect", "no-such-thing", env_extra=env)
+    assert nothing.returncode == 125 and b"no box or image" in nothing.stderr
     logs = hutch_cli("logs", "cli-box", env_extra=env)
     assert logs.returncode == 0 and b"reboot" in logs.stdout  # the quiet kernel's last words
     rm = hutch_cli("rm", "cli-box", "nope", env_extra=env)

@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from hutch.cli import _fail, err_console, main
-from hutch.errors import HutchError
+from hutch.errors import HutchError, NotFoundError
 from hutch.images.oci import Platform
 from hutch.images.pull import PullEvent, ensure_image, pull
 from hutch.images.reference import ImageReference
@@ -130,14 +130,48 @@ def images_cmd(as_json: bool, quiet: bool) -> None:
 
 
 @main.command("inspect")
-@click.argument("image")
-def inspect_cmd(image: str) -> None:
-    """Print an image's record (config, layers, base disk) as JSON."""
+@click.argument("name")
+def inspect_cmd(name: str) -> None:
+    """Print a box's record and recent events, or an image's record, as JSON (boxes first)."""
+    from hutch.box import store_for
+
+    paths = HutchPaths.default()
     try:
-        rec = ImageStore(HutchPaths.default()).require(image)
+        store = store_for(paths)
+        box = store.find(name)
+        if box is not None:
+            doc = {
+                "kind": "box",
+                "id": box.id,
+                "name": box.name,
+                "image": box.image,
+                "image_id": box.image_id,
+                "state": box.state,
+                "failure": box.failure,
+                "owner_pid": box.owner_pid,
+                "qemu_pid": box.qemu_pid,
+                "accel": box.accel,
+                "boot_ms": box.boot_ms,
+                "created_at": box.created_at,
+                "started_at": box.started_at,
+                "stopped_at": box.stopped_at,
+                "options": box.options.to_json(),
+                "events": [
+                    {"at": e.at, "kind": e.kind, "detail": e.detail}
+                    for e in store.events(box.id, limit=20)
+                ],
+            }
+        else:
+            image = ImageStore(paths).lookup(name)
+            if image is None:
+                raise NotFoundError(
+                    f"no box or image named {name!r}",
+                    hint="`hutch ps -a` lists boxes, `hutch images` images.",
+                )
+            doc = {"kind": "image", **image.to_json()}
     except HutchError as e:
         _fail(e)
-    click.echo(json.dumps(rec.to_json(), indent=2))
+    click.echo(json.dumps(doc, indent=2))
 
 
 @main.command("rmi")
