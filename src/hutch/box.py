@@ -44,7 +44,7 @@ from hutch.runtime.metrics import (
     qemu_rss_bytes,
 )
 from hutch.runtime.options import BoxOptions
-from hutch.runtime.store import BoxRecord, BoxStore, ProcessIdentity
+from hutch.runtime.store import BoxRecord, BoxStore, ProcessIdentity, pid_exists
 from hutch.setup import Manifest, load_manifest
 from hutch.vm.accel import resolve_accel
 from hutch.vm.cmdline import VmSpec
@@ -76,16 +76,6 @@ def store_for(paths: HutchPaths) -> BoxStore:
     return store
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale_run_dirs(paths: HutchPaths) -> None:
     """Remove run folders (sockets, RAM files) whose owning process is gone.
 
@@ -99,7 +89,7 @@ def sweep_stale_run_dirs(paths: HutchPaths) -> None:
             owner = int((d / "owner").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             owner = 0
-        if owner and _pid_alive(owner):
+        if owner and pid_exists(owner):
             continue
         try:  # a folder another process made a moment ago may not have its owner file yet
             if not owner and time.time() - d.stat().st_mtime < 10:

@@ -38,10 +38,15 @@ EXIT_TIMEOUT = 124
 err_console = Console(stderr=True, soft_wrap=True)  # never break messages mid-line
 
 
-def _fail(e: HutchError, code: int = EXIT_HUTCH_ERROR) -> NoReturn:
+def _report(e: HutchError) -> None:
+    """Print an error and its hint to stderr."""
     err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
     if e.hint:
         err_console.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+
+
+def _fail(e: HutchError, code: int = EXIT_HUTCH_ERROR) -> NoReturn:
+    _report(e)
     sys.exit(code)
 
 

@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from hutch.cli import _fail, err_console, main
+from hutch.cli import _fail, _report, main
 from hutch.errors import HutchError
 from hutch.runtime.runtime import Runtime
 from hutch.runtime.store import BoxRecord
@@ -91,9 +91,7 @@ def rm_cmd(boxes: tuple[str, ...], force: bool) -> None:
                     await rt.remove(name, force=force)
                     click.echo(name)
                 except HutchError as e:
-                    err_console.print(f"[bold red]error:[/] {e.message}", highlight=False)
-                    if e.hint:
-                        err_console.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+                    _report(e)
                     failed = True
         return failed
 

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from hutch.cli import _fail, err_console, main
+from hutch.cli import _fail, _report, err_console, main
 from hutch.errors import HutchError, NotFoundError
 from hutch.images.oci import Platform
 from hutch.images.pull import PullEvent, ensure_image, pull
@@ -186,9 +186,7 @@ def rmi_cmd(images: tuple[str, ...], force: bool) -> None:
             for line in store.remove(name, force=force):
                 click.echo(line)
         except HutchError as e:
-            err_console.print(f"[bold red]error:[/] {e.message}", highlight=False)
-            if e.hint:
-                err_console.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+            _report(e)
             failed = True
     if failed:
         raise SystemExit(125)

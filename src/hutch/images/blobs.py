@@ -127,6 +127,14 @@ class BlobCache:
         return p.read_bytes()
 
     # --- writing --------------------------------------------------------------------------
+    def _open_lock(self, digest: str) -> int:
+        self._ensure_dirs(digest)
+        lock = self._lock_path(digest)
+        try:
+            return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise storage_error(lock, e, "opening") from e
+
     @contextlib.asynccontextmanager
     async def slot(self, digest: str) -> AsyncIterator[BlobSlot]:
         """Hold the digest's lock (across processes) while fetching it.
@@ -134,12 +142,7 @@ class BlobCache:
         Polls a non-blocking ``flock`` rather than blocking a thread, so cancelling the waiter
         (Ctrl-C, a pull's deadline) is immediate and leaks nothing.
         """
-        self._ensure_dirs(digest)
-        lock = self._lock_path(digest)
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise storage_error(lock, e, "opening") from e
+        fd = self._open_lock(digest)
         try:
             while True:
                 try:
@@ -154,12 +157,7 @@ class BlobCache:
     @contextlib.contextmanager
     def slot_sync(self, digest: str) -> Iterator[BlobSlot]:
         """Blocking twin of :meth:`slot` for synchronous importers."""
-        self._ensure_dirs(digest)
-        lock = self._lock_path(digest)
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise storage_error(lock, e, "opening") from e
+        fd = self._open_lock(digest)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield BlobSlot(digest, self.final_path(digest), self.partial_path(digest))

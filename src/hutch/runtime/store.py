@@ -118,7 +118,8 @@ def _clock_ticks() -> int:
     return os.sysconf("SC_CLK_TCK")
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0; EPERM still means it exists)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -183,7 +184,7 @@ class ProcessIdentity:
         if stat is None:
             # No readable /proc entry: gone, unless /proc hides other users' processes
             # (hidepid): then the pid existing is all we can know, and alive is the safe answer.
-            return _pid_exists(self.pid)
+            return pid_exists(self.pid)
         state, start = stat
         if state in ("Z", "X"):
             return False
