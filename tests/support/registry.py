@@ -396,8 +396,10 @@ class RegistryServer:
         self.config_file.write_text(self._config())
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         with self.log_file.open("ab") as log:
+            # setpriv: the registry dies with the test process, even when that is killed
+            guard = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
             self._proc = subprocess.Popen(
-                [self.binary, "serve", str(self.config_file)],
+                [*guard, self.binary, "serve", str(self.config_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
