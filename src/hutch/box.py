@@ -24,6 +24,7 @@ from typing import Any
 
 from hutch.errors import (
     BadRequestError,
+    ConfigError,
     EngineError,
     HutchError,
     InvalidStateError,
@@ -48,7 +49,7 @@ from hutch.runtime.store import BoxRecord, BoxStore, ProcessIdentity, pid_exists
 from hutch.setup import Manifest, load_manifest
 from hutch.vm.accel import resolve_accel
 from hutch.vm.cmdline import VmSpec
-from hutch.vm.disk import create_overlay, storage_error
+from hutch.vm.disk import create_overlay, disk_size_bytes, grow_overlay, storage_error
 from hutch.vm.process import QemuProcess
 
 log = logging.getLogger("hutch")
@@ -125,6 +126,21 @@ def _env_pairs(env: Mapping[str, str] | None) -> list[tuple[str, str]]:
     return pairs
 
 
+MIB = 1024 * 1024
+
+
+def check_disk_size(want_mib: int, base_bytes: int, image: str) -> None:
+    """``disk_size_mib`` may grow an image's disk, never shrink it (ext4 cannot shrink online)."""
+    base_mib = -(-base_bytes // MIB)
+    if want_mib < base_mib:
+        raise ConfigError(
+            f"disk_size_mib must be at least {base_mib} for image {image!r} (the size of its "
+            f"disk), not {want_mib}",
+            hint="Leave disk_size_mib unset for the image's size, or lower [images] base_size "
+            "in config.toml (it applies to images converted after the change).",
+        )
+
+
 class Box:
     """A micro-VM sandbox. ``async with Box() as box:`` boots it and removes it afterwards."""
 
@@ -139,6 +155,7 @@ class Box:
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         home: Path | str | None = None,
         kernel_args: Sequence[str] = (),
+        disk_size_mib: int | None = None,
         id: str | None = None,
         _options: BoxOptions | None = None,
     ) -> None:
@@ -150,6 +167,7 @@ class Box:
             memory_mib=memory_mib,
             accel=accel,
             boot_timeout=boot_timeout,
+            disk_size_mib=disk_size_mib,
         )
         self.id = id or new_box_id()
         self.name = name or f"hutch-{self.id[-6:]}"
@@ -355,11 +373,14 @@ class Box:
             raise storage_error(Path(e.filename or self.box_dir), e) from e
         if not disk.exists():
             await create_overlay(base, disk)
+        extra_args = await self._size_disk(base, disk)
         spec = VmSpec(
             kernel=manifest.kernel_path,
             initramfs=manifest.initramfs_path,
             root_disk=disk,
-            cmdline=kernel_cmdline([f"hutch.hostname={self.name}", *self.kernel_args]),
+            cmdline=kernel_cmdline(
+                [f"hutch.hostname={self.name}", *extra_args, *self.kernel_args]
+            ),
             portal_socket=self.run_dir / "portal.sock",
             qmp_socket=self.run_dir / "qmp.sock",
             console_log=self.console_log,
@@ -373,6 +394,17 @@ class Box:
         self.hello = await self._wait_hello(qemu, channel, deadline)
         self.boot_ms = (time.monotonic() - t0) * 1000.0
         self._watcher = asyncio.get_running_loop().create_task(self._watch(qemu, channel))
+
+    async def _size_disk(self, base: Path, disk: Path) -> list[str]:
+        """Apply ``disk_size_mib``: grow the overlay, and ask the agent to grow the filesystem."""
+        want_mib = self.options.disk_size_mib
+        if want_mib is None:
+            return []
+        base_bytes = base.stat().st_size
+        check_disk_size(want_mib, base_bytes, self.image)
+        if disk_size_bytes(disk) < want_mib * MIB:
+            await grow_overlay(disk, want_mib * MIB)
+        return ["hutch.grow=1"] if want_mib * MIB > base_bytes else []
 
     def _not_ready(self, qemu: QemuProcess, what: str) -> HutchError:
         if not qemu.running:

@@ -171,3 +171,26 @@ async def test_cli_ps_logs_rm(home: Path) -> None:
     rm = hutch_cli("rm", "cli-box", "nope", env_extra=env)
     assert rm.returncode == 125 and rm.stdout == b"cli-box\n" and b"nope" in rm.stderr
     assert json.loads(hutch_cli("ps", "-a", "--json", env_extra=env).stdout) == []
+
+
+async def test_disk_size_grows_the_root_filesystem(home: Path) -> None:
+    async with hutch.Runtime(home) as rt:
+        small = await rt.create(image="busybox", disk_size_mib=256)
+        with pytest.raises(hutch.ConfigError, match="disk_size_mib must be at least"):
+            await small.start()
+        await rt.remove(small.id, force=True)
+        box = await rt.create(image="busybox", disk_size_mib=12 * 1024)
+        try:
+            await box.start()
+            r = await box.exec("df", "-k", "/")
+            r.assert_success()
+            total_kib = int(r.stdout.splitlines()[1].split()[1])
+            assert 11.5 * 2**20 < total_kib <= 12 * 2**20, r.stdout
+            # The grown space is usable, and a restart keeps the size.
+            await box.exec("sh", "-c", "echo x > /big && sync")
+            await box.stop()
+            await box.start()
+            r = await box.exec("df", "-k", "/")
+            assert int(r.stdout.splitlines()[1].split()[1]) == total_kib
+        finally:
+            await rt.remove(box.id, force=True)

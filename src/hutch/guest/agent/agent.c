@@ -7,7 +7,8 @@
  *
  * Two modes:
  *   - PID 1 (getpid() == 1): boot_pid1() mounts /proc, /sys, /dev, mounts the root disk named by
- *     hutch.root= on /newroot, switches root into it, mounts /dev/pts, /dev/shm and /run, sets the
+ *     hutch.root= on /newroot, switches root into it (growing it to the disk with hutch.grow=1),
+ *     mounts /dev/pts, /dev/shm and /run, sets the
  *     hostname and brings up lo; then open_virtio_portal() finds the port. Anything fatal reboots
  *     (exiting PID 1 would panic the kernel). The host may disconnect and reconnect the port; the
  *     agent then waits (polling every 50 ms, never spinning) and greets the new host with HELLO.
@@ -53,6 +54,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/un.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -1264,7 +1266,7 @@ static void mount_or_log(const char *src, const char *dst, const char *type, uns
         logmsg("mount %s on %s: %m", type, dst);
 }
 
-struct bootcfg { char root[256], fstype[64], hostname[HOST_NAME_MAX + 1]; bool probe; };
+struct bootcfg { char root[256], fstype[64], hostname[HOST_NAME_MAX + 1]; bool probe, grow; };
 
 static void parse_cmdline(struct bootcfg *cfg)
 {
@@ -1283,14 +1285,42 @@ static void parse_cmdline(struct bootcfg *cfg)
             snprintf(cfg->hostname, sizeof cfg->hostname, "%s", tok + 15);
         else if (!strcmp(tok, "hutch.probe=1"))
             cfg->probe = true;
+        else if (!strcmp(tok, "hutch.grow=1"))
+            cfg->grow = true;
         else if (!strcmp(tok, "hutch.debug=1"))
             g.debug = true;
     }
 }
 
+/* hutch.grow=1: the host made the root disk larger than the filesystem on it (a box's
+ * disk_size_mib); grow the mounted ext4 to fill the device (online resize, as resize2fs does). */
+#ifndef EXT4_IOC_RESIZE_FS
+#define EXT4_IOC_RESIZE_FS _IOW('f', 16, uint64_t)
+#endif
+static void grow_root(const char *dev)
+{
+    uint64_t bytes = 0, blocks;
+    struct statfs sf;
+    int bd = open(dev, O_RDONLY | O_CLOEXEC), root = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (bd < 0 || root < 0 || ioctl(bd, BLKGETSIZE64, &bytes) < 0 || fstatfs(root, &sf) < 0 ||
+        sf.f_bsize <= 0) {
+        logmsg("growing the root filesystem: %m");
+    } else {
+        blocks = bytes / (uint64_t)sf.f_bsize;
+        if (ioctl(root, EXT4_IOC_RESIZE_FS, &blocks) < 0)
+            logmsg("growing the root filesystem to %llu blocks: %m", (unsigned long long)blocks);
+        else
+            dbg("root filesystem grown to %llu blocks", (unsigned long long)blocks);
+    }
+    if (bd >= 0)
+        close(bd);
+    if (root >= 0)
+        close(root);
+}
+
 static void boot_pid1(void)
 {
-    struct bootcfg cfg = { "/dev/vda", "ext4", "hutch", false };
+    struct bootcfg cfg = { "/dev/vda", "ext4", "hutch", false, false };
     unsigned long nfl = MS_NOSUID | MS_NODEV | MS_NOEXEC;
 
     umask(022);
@@ -1337,6 +1367,8 @@ static void boot_pid1(void)
         chdir("/") < 0)
         fatal("switching root to %s: %m", cfg.root);
 
+    if (cfg.grow)
+        grow_root(cfg.root);
     mount_or_log("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
                  "ptmxmode=0666,mode=620,gid=5");
     mount_or_log("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
