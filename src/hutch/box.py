@@ -264,6 +264,16 @@ class Box:
             event=("start", f"by pid {os.getpid()}"),
         )
 
+    def _check_implemented(self) -> None:
+        """Options that are validated and stored but not applied yet must not be ignored."""
+        for field_name in ("ports", "volumes"):
+            if getattr(self.options, field_name):
+                raise ConfigError(
+                    f"box {self.id}: {field_name} are not supported by this hutch version yet",
+                    hint=f"Create the box without {field_name} (published ports and volumes "
+                    "are planned); copy data in with exec(stdin=...) meanwhile.",
+                )
+
     def _check_owner(self) -> None:
         if self._foreign_owner is not None:
             raise InvalidStateError(
@@ -303,6 +313,7 @@ class Box:
                 hint="Wait for the current start/stop to finish.",
             )
         self._check_owner()
+        self._check_implemented()
         if self.state == "failed":
             await self._teardown()  # what is left of the failed VM: watcher, QEMU, sockets
         await self._claim_start()  # compare-and-set in the store: one starter wins

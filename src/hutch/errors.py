@@ -110,7 +110,9 @@ class SetupError(HutchError):
     default_hint = "Run `hutch setup` (as root, or after installing the packages it names)."
 
 
-class ParseError(HutchError):
+class ParseError(BadRequestError):
+    """Text that should follow a grammar does not (an image reference, a size, a listen address)."""
+
     http_status = 400
     default_hint = "The input could not be parsed; check its format."
 

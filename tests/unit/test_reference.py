@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hutch.errors import BadRequestError
+from hutch.errors import BadRequestError, ParseError
 from hutch.images.reference import ImageReference
 
 D = "sha256:" + "ab" * 32
@@ -78,9 +78,10 @@ def test_familiar_form() -> None:
     ],
 )
 def test_invalid_references_say_why(text: str, why: str) -> None:
-    with pytest.raises(BadRequestError, match=why) as ei:
+    with pytest.raises(ParseError, match=why) as ei:
         ImageReference.parse(text)
     assert "NAME[:TAG]" in ei.value.hint
+    assert isinstance(ei.value, BadRequestError) and ei.value.http_status == 400
 
 
 @settings(max_examples=500, deadline=None)

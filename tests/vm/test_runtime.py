@@ -194,3 +194,16 @@ async def test_disk_size_grows_the_root_filesystem(home: Path) -> None:
             assert int(r.stdout.splitlines()[1].split()[1]) == total_kib
         finally:
             await rt.remove(box.id, force=True)
+
+
+async def test_unapplied_options_refuse_to_start(home: Path, tmp_path: Path) -> None:
+    async with hutch.Runtime(home) as rt:
+        for opts in (
+            {"ports": [hutch.Port(host=18080, guest=80)]},
+            {"volumes": [hutch.Volume(host_path=str(tmp_path), guest_path="/data")]},
+        ):
+            box = await rt.create(image="busybox", **opts)
+            with pytest.raises(hutch.ConfigError, match="not supported by this hutch version"):
+                await box.start()
+            assert (await rt.get(box.id)).state == "created"
+            await rt.remove(box.id)

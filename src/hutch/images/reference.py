@@ -4,7 +4,7 @@
 ``localhost:5000/team/tool:1.2``; ``[::1]:5000/x``. The grammar follows the OCI distribution
 reference grammar (lower-case path components joined by ``.``, ``_``, ``__`` or dashes; tags of up
 to 128 word characters; ``algorithm:hex`` digests). Hand-written rather than a dependency: it is one
-regular expression per part, and every rejection has to say *why* in a :class:`BadRequestError`.
+regular expression per part, and every rejection has to say *why* in a :class:`ParseError` (a BadRequestError).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from hutch.errors import BadRequestError
+from hutch.errors import ParseError
 
 DOCKER_HUB = "docker.io"
 #: Where Docker Hub's registry API actually answers.
@@ -32,8 +32,8 @@ _HOST = re.compile(
 _HINT = "Use NAME[:TAG][@DIGEST], e.g. busybox, python:3.12-slim, localhost:5000/team/app:1.0."
 
 
-def _bad(text: str, why: str) -> BadRequestError:
-    return BadRequestError(f"invalid image reference {text!r}: {why}", hint=_HINT)
+def _bad(text: str, why: str) -> ParseError:
+    return ParseError(f"invalid image reference {text!r}: {why}", hint=_HINT)
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class ImageReference:
 
     @classmethod
     def parse(cls, text: str) -> ImageReference:
-        """Parse and normalise; :class:`BadRequestError` saying why when ``text`` is not valid."""
+        """Parse and normalise; :class:`ParseError` saying why when ``text`` is not valid."""
         if not isinstance(text, str) or not text:
             raise _bad(str(text), "it is empty")
         if text != text.strip() or any(c.isspace() for c in text):
