@@ -56,8 +56,8 @@ class Env:
         self.store = BoxStore.for_home(self.paths)
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def box(self, name: str | None = None) -> str:
-        rec = self.store.insert(BoxRecord.new(BoxOptions(name=name)))
+    def box(self, name: str | None = None, *, auto_remove: bool = False) -> str:
+        rec = self.store.insert(BoxRecord.new(BoxOptions(name=name, auto_remove=auto_remove)))
         (self.paths.boxes / rec.id).mkdir()
         (self.paths.boxes / rec.id / "disk.qcow2").write_bytes(b"disk")
         return rec.id
@@ -201,6 +201,18 @@ def test_reused_pid_is_not_the_owner(env: Env) -> None:
     assert "now belongs to another process" in env.store.events(box_id)[-1].detail
 
 
+def test_an_auto_remove_box_of_a_dead_owner_is_removed(env: Env) -> None:
+    kept, ephemeral = env.box(), env.box(auto_remove=True)
+    env.dead_owner(kept, "running")
+    env.dead_owner(ephemeral, "running")
+    report = env.recover()
+    assert sorted((b.id, b.now) for b in report.boxes) == sorted(
+        [(kept, "stopped"), (ephemeral, "removed")]
+    )
+    assert env.store.by_id(ephemeral) is None and not (env.paths.boxes / ephemeral).exists()
+    assert env.store.get(kept).state == "stopped" and (env.paths.boxes / kept).is_dir()
+
+
 def test_box_without_owner_and_other_boot(env: Env) -> None:
     no_owner, other_boot = env.box(), env.box()
     with sqlite3.connect(env.store.path) as raw:  # (the store itself refuses this state)
@@ -279,7 +291,9 @@ def test_a_restarted_box_is_not_hijacked(env: Env) -> None:
     stale = env.store.get(box_id)
     env.store.claim(box_id, state="running", expect={"running"})  # "restarted" by this process
     assert (
-        recovery._recover_box(env.store, stale, env.run_root, 0.1, recovery.RecoveryReport())
+        recovery._recover_box(
+            env.store, stale, env.run_root, env.paths.boxes, 0.1, recovery.RecoveryReport()
+        )
         is None
     )
     rec = env.store.get(box_id)

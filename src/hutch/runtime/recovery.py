@@ -14,7 +14,8 @@ is not mistaken for the owner). When that process is gone, :func:`recover`:
    pid now belongs to an editor) is left alone;
 3. removes its run folder (``RUN/<id>/``: sockets, RAM file) and marks it ``stopped`` (it was
    running or stopping: its disk is kept) or ``failed`` (it was starting), releasing ownership and
-   recording a ``recovered`` event that says why. A recovery killed half way leaves the box
+   recording a ``recovered`` event that says why; an ``auto_remove`` box is then removed (row and
+   folder), as its owner would have done. A recovery killed half way leaves the box
    ``stopping`` with a dead owner, which the next recovery finishes.
 
 Then it reclaims orphans: run folders whose box has no live owner (neither in this store nor by its
@@ -190,7 +191,12 @@ def _age(path: Path, now: float) -> float:
 
 # --- recovery -------------------------------------------------------------------------------
 def _recover_box(
-    store: BoxStore, rec: BoxRecord, run_root: Path, grace: float, report: RecoveryReport
+    store: BoxStore,
+    rec: BoxRecord,
+    run_root: Path,
+    boxes_root: Path,
+    grace: float,
+    report: RecoveryReport,
 ) -> RecoveredBox | None:
     """Take one box whose owner is dead over, kill its QEMU, mark it stopped/failed."""
     owner = rec.owner
@@ -237,6 +243,14 @@ def _recover_box(
         log.warning("box %s changed while it was being recovered; left as it is", rec.id)
         return None
     log.warning("box %s: %s", rec.id, detail)
+    if rec.options.auto_remove:  # an ephemeral box: its owner would have removed it
+        try:
+            store.delete(rec.id, expect={now_state}, missing_ok=True)
+        except InvalidStateError:
+            return RecoveredBox(rec.id, rec.state, now_state, why, killed)  # restarted meanwhile
+        shutil.rmtree(boxes_root / rec.id, ignore_errors=True)
+        log.warning("box %s: removed (auto_remove)", rec.id)
+        now_state = "removed"
     return RecoveredBox(rec.id, rec.state, now_state, why, killed)
 
 
@@ -303,7 +317,7 @@ def recover(
     for rec in store.list(state=ACTIVE_STATES):
         if rec.owner_alive():
             continue
-        done = _recover_box(store, rec, run_root, kill_grace, report)
+        done = _recover_box(store, rec, run_root, paths.boxes, kill_grace, report)
         if done is not None:
             report.boxes.append(done)
 
