@@ -5,6 +5,7 @@ the blocking twin is :mod:`hutch.sync`.
 """
 
 from hutch.box import Box
+from hutch.codebox import CodeBox
 from hutch.errors import (
     BadRequestError,
     ConfigError,
@@ -39,6 +40,7 @@ __all__ = [
     "Box",
     "BoxOptions",
     "BoxRecord",
+    "CodeBox",
     "ConfigError",
     "ConflictError",
     "ConnectionError",

@@ -389,9 +389,7 @@ class Box:
             kernel=manifest.kernel_path,
             initramfs=manifest.initramfs_path,
             root_disk=disk,
-            cmdline=kernel_cmdline(
-                [f"hutch.hostname={self.name}", *extra_args, *self.kernel_args]
-            ),
+            cmdline=kernel_cmdline([f"hutch.hostname={self.name}", *extra_args, *self.kernel_args]),
             portal_socket=self.run_dir / "portal.sock",
             qmp_socket=self.run_dir / "qmp.sock",
             console_log=self.console_log,

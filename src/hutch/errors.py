@@ -135,7 +135,8 @@ def status_table() -> dict[str, int]:
     todo: list[type[HutchError]] = [HutchError]
     while todo:
         cls = todo.pop()
-        out[cls.__name__] = cls.http_status
+        if cls.__module__ == __name__:  # (facade subclasses, e.g. hutch.compat's, map alike)
+            out[cls.__name__] = cls.http_status
         todo.extend(cls.__subclasses__())
     return dict(sorted(out.items()))
 

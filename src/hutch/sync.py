@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from hutch import box as _box
+from hutch import codebox as _codebox
 from hutch import execution as _execution
 from hutch.errors import InvalidStateError
 from hutch.execution import ExecResult
@@ -59,6 +60,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 _WRAPPED: tuple[type, ...] = (
     _runtime.Runtime,
     _box.Box,
+    _codebox.CodeBox,
     _execution.Execution,
     _execution.OutputStream,
     _execution.InputStream,
@@ -129,6 +131,20 @@ class Box(Synced):
         return result
 
 
+class CodeBox(Box):
+    """Blocking :class:`hutch.CodeBox`: ``with CodeBox() as box: box.run("print(1)")``."""
+
+    __slots__ = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Same arguments as :class:`hutch.CodeBox`."""
+        Synced.__init__(self, _codebox.CodeBox(*args, **kwargs))
+
+    def __enter__(self) -> CodeBox:
+        run(self._target.start())
+        return self
+
+
 class Runtime(Synced):
     """Blocking :class:`hutch.Runtime`: ``with Runtime() as rt: rt.create(image=…)``."""
 
@@ -154,4 +170,4 @@ class Runtime(Synced):
         run(self._target.close())
 
 
-__all__ = ["Box", "ExecResult", "Runtime", "Synced", "run"]
+__all__ = ["Box", "CodeBox", "ExecResult", "Runtime", "Synced", "run"]

@@ -105,15 +105,24 @@ def disk_size_bytes(disk: Path) -> int:
     except OSError as e:
         raise storage_error(disk, e) from e
     if len(header) < 32 or header[:4] != b"QFI\xfb":
-        raise StorageError(f"{disk} is not a qcow2 disk", hint="Remove the box and create it again.")
+        raise StorageError(
+            f"{disk} is not a qcow2 disk", hint="Remove the box and create it again."
+        )
     return int.from_bytes(header[24:32], "big")
 
 
 async def grow_overlay(disk: Path, size_bytes: int) -> None:
     """Make the overlay ``disk`` ``size_bytes`` large (the guest agent then grows its ext4)."""
     proc = await asyncio.create_subprocess_exec(
-        _qemu_img(), "resize", "-q", "-f", "qcow2", str(disk), str(size_bytes),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        _qemu_img(),
+        "resize",
+        "-q",
+        "-f",
+        "qcow2",
+        str(disk),
+        str(size_bytes),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await proc.communicate()
     if proc.returncode != 0:
