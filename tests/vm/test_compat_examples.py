@@ -105,6 +105,26 @@ def test_boxlite_error_handling_and_retry(home: Path) -> None:
     ]
 
 
+
+def test_boxlite_codebox(home: Path) -> None:
+    """CodeBox on debian-python; install_package fetches tabulate from PyPI on the host."""
+    out = run_example(home, "boxlite_codebox.py")
+    assert out[:-1] == [
+        "1. code",
+        "result: 285",
+        "2. a package, then code using it",
+        "Successfully installed tabulate",
+        "k      v",
+        "a      1",
+        "b      2",
+        "3. data processing",
+        'stats: {"mean": 3.875, "max": 9}',
+        "4. failures are output, not exceptions",
+        "last line: ValueError: bad input",
+        "5. isolation: a new box does not have the package",
+        "tabulate in a new box: None",
+    ]
+
 def test_examples_leave_no_boxes(home: Path) -> None:
     """Run last in this module: every example cleaned up after itself."""
     import hutch.runtime.store as store_mod
