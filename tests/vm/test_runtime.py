@@ -207,3 +207,49 @@ async def test_unapplied_options_refuse_to_start(home: Path, tmp_path: Path) -> 
                 await box.start()
             assert (await rt.get(box.id)).state == "created"
             await rt.remove(box.id)
+
+
+async def test_cli_create_and_run_keep_or_remove(home: Path) -> None:
+    from tests.conftest import hutch_cli
+
+    env = {"HUTCH_HOME": str(home)}
+    made = hutch_cli(
+        "create",
+        "--name",
+        "made",
+        "--cpus",
+        "1",
+        "--memory",
+        "300",
+        "-e",
+        "K=V",
+        "-l",
+        "team=a",
+        "--json",
+        "busybox",
+        env_extra=env,
+    )
+    assert made.returncode == 0, made.stderr
+    doc = json.loads(made.stdout)
+    assert (doc["name"], doc["state"], doc["options"]["memory_mib"]) == ("made", "created", 300)
+    assert doc["options"]["env"] == {"K": "V"} and doc["options"]["labels"] == {"team": "a"}
+    dup = hutch_cli("create", "--name", "made", env_extra=env)
+    assert dup.returncode == 125 and b"made" in dup.stderr
+    bad = hutch_cli("create", "--cpus", "999", env_extra=env)
+    assert bad.returncode == 125 and b"cpus" in bad.stderr
+    # `run --name` keeps the box (stopped) with its files; `--rm` removes even a named one.
+    kept = hutch_cli("run", "--name", "kept", "--", "sh", "-c", "echo hi > /root/f", env_extra=env)
+    assert kept.returncode == 0, kept.stderr
+    gone = hutch_cli("run", "--name", "gone", "--rm", "--", "true", env_extra=env)
+    assert gone.returncode == 0, gone.stderr
+    listing = json.loads(hutch_cli("ls", "-a", "--json", env_extra=env).stdout)
+    assert sorted((r["name"], r["state"]) for r in listing) == [
+        ("kept", "stopped"),
+        ("made", "created"),
+    ]
+    async with hutch.Runtime(home) as rt:
+        box = await rt.get("kept")
+        await box.start()
+        assert (await box.exec("cat", "/root/f")).stdout == "hi\n"
+        await rt.remove("kept", force=True)
+        await rt.remove("made")

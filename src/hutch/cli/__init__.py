@@ -262,82 +262,115 @@ async def _run(
     accel: str,
     show_boot: bool,
     entrypoint: str | None,
+    name: str | None,
+    rm: bool,
 ) -> int:
     from hutch.cli.images import PullDisplay
     from hutch.images.pull import ensure_image
+    from hutch.runtime.options import BoxOptions
+    from hutch.runtime.runtime import Runtime
 
     with PullDisplay() as show:  # pulls (with progress) only when the image is not here
         await ensure_image(image, paths=HutchPaths.default(), progress=show)
-    async with Box(image, cpus=cpus, memory_mib=memory, accel=accel) as box:
-        if show_boot:
-            err_console.print(f"[dim]booted {box.id} in {box.boot_ms:.0f} ms ({box.accel})[/]")
-        # Like `docker run`: the image's Entrypoint stays and CMD replaces its Cmd;
-        # --entrypoint replaces the Entrypoint and drops the image's Cmd.
-        config = box.image_record.config if box.image_record else None
-        if entrypoint is not None:
-            entry, default_cmd = ([entrypoint] if entrypoint else []), []
-        else:
-            entry = list(config.entrypoint) if config else []
-            default_cmd = list(config.cmd) if config else []
-        argv = entry + (cmd or default_cmd)
-        if not argv:
-            raise BadRequestError(
-                f"image {image!r} has no default command",
-                hint="Give one: hutch run IMAGE -- CMD [ARG...]",
-            )
-        execution = await box.spawn(
-            argv, env=env, cwd=workdir, user=user, timeout=timeout, stdin=interactive
-        )
-
-        async def pump(stream: Any, out: Any) -> None:
-            async for chunk in stream:
-                try:
-                    out.write(chunk)
-                    out.flush()
-                except BrokenPipeError:  # our reader went away (`| head`): like SIGPIPE
-                    await execution.kill()
-                    raise _ReaderGone() from None
-                except OSError as e:
-                    await execution.kill()
-                    raise HutchError(f"cannot write the command's output: {e}") from None
-
-        async def feed() -> None:
-            # Readiness-driven, not a blocked thread: when the command ends we just cancel this.
-            fd = sys.stdin.fileno()
-            loop = asyncio.get_running_loop()
-            if stat.S_ISREG(os.fstat(fd).st_mode):  # files are always "ready" and never block
-                while data := os.read(fd, 65536):
-                    await execution.stdin.write(data)
-            else:
-                ready = asyncio.Event()
-                loop.add_reader(fd, ready.set)
-                try:
-                    while True:
-                        await ready.wait()
-                        ready.clear()
-                        if not (data := os.read(fd, 65536)):
-                            break
-                        await execution.stdin.write(data)
-                finally:
-                    loop.remove_reader(fd)
-            await execution.stdin.close()
-
-        feeder = asyncio.create_task(feed()) if interactive else None
+    remove = rm or name is None  # an unnamed box could only be found again by its id
+    options = BoxOptions(
+        image=image, name=name, cpus=cpus, memory_mib=memory, accel=accel, auto_remove=remove
+    )
+    async with Runtime() as rt:
+        box = await rt.create(options)
         try:
-            await asyncio.gather(
-                pump(execution.stdout, sys.stdout.buffer), pump(execution.stderr, sys.stderr.buffer)
+            await box.start()
+            return await _run_in(
+                box, image, cmd, env, workdir, user, timeout, interactive, show_boot, entrypoint
             )
-        except _ReaderGone:
-            # Python would complain again when flushing stdout at exit: point it at /dev/null.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 128 + signal.SIGPIPE
         finally:
-            if feeder:
-                feeder.cancel()
-        result = await execution.wait()
-        if result.signal is not None:
-            return 128 + result.signal
-        return result.exit_code or 0
+            if remove:
+                await rt.remove(box.id, force=True)
+            else:
+                await box.stop()
+
+
+async def _run_in(
+    box: Box,
+    image: str,
+    cmd: list[str],
+    env: dict[str, str],
+    workdir: str | None,
+    user: str | None,
+    timeout: float | None,
+    interactive: bool,
+    show_boot: bool,
+    entrypoint: str | None,
+) -> int:
+    if show_boot:
+        err_console.print(f"[dim]booted {box.id} in {box.boot_ms:.0f} ms ({box.accel})[/]")
+    # Like `docker run`: the image's Entrypoint stays and CMD replaces its Cmd;
+    # --entrypoint replaces the Entrypoint and drops the image's Cmd.
+    config = box.image_record.config if box.image_record else None
+    if entrypoint is not None:
+        entry, default_cmd = ([entrypoint] if entrypoint else []), []
+    else:
+        entry = list(config.entrypoint) if config else []
+        default_cmd = list(config.cmd) if config else []
+    argv = entry + (cmd or default_cmd)
+    if not argv:
+        raise BadRequestError(
+            f"image {image!r} has no default command",
+            hint="Give one: hutch run IMAGE -- CMD [ARG...]",
+        )
+    execution = await box.spawn(
+        argv, env=env, cwd=workdir, user=user, timeout=timeout, stdin=interactive
+    )
+
+    async def pump(stream: Any, out: Any) -> None:
+        async for chunk in stream:
+            try:
+                out.write(chunk)
+                out.flush()
+            except BrokenPipeError:  # our reader went away (`| head`): like SIGPIPE
+                await execution.kill()
+                raise _ReaderGone() from None
+            except OSError as e:
+                await execution.kill()
+                raise HutchError(f"cannot write the command's output: {e}") from None
+
+    async def feed() -> None:
+        # Readiness-driven, not a blocked thread: when the command ends we just cancel this.
+        fd = sys.stdin.fileno()
+        loop = asyncio.get_running_loop()
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # files are always "ready" and never block
+            while data := os.read(fd, 65536):
+                await execution.stdin.write(data)
+        else:
+            ready = asyncio.Event()
+            loop.add_reader(fd, ready.set)
+            try:
+                while True:
+                    await ready.wait()
+                    ready.clear()
+                    if not (data := os.read(fd, 65536)):
+                        break
+                    await execution.stdin.write(data)
+            finally:
+                loop.remove_reader(fd)
+        await execution.stdin.close()
+
+    feeder = asyncio.create_task(feed()) if interactive else None
+    try:
+        await asyncio.gather(
+            pump(execution.stdout, sys.stdout.buffer), pump(execution.stderr, sys.stderr.buffer)
+        )
+    except _ReaderGone:
+        # Python would complain again when flushing stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    finally:
+        if feeder:
+            feeder.cancel()
+    result = await execution.wait()
+    if result.signal is not None:
+        return 128 + result.signal
+    return result.exit_code or 0
 
 
 class _ReaderGone(Exception):
@@ -378,6 +411,8 @@ class _SplitAtDashDash(click.Command):
 )
 @click.option("--show-boot", is_flag=True, help="Print the boot time to stderr.")
 @click.option("--entrypoint", help="Override the image's Entrypoint ('' clears it).")
+@click.option("--name", help="Name the box and keep it (stopped) after the command.")
+@click.option("--rm", is_flag=True, help="Remove the box afterwards even when it has a name.")
 def run(
     ctx: click.Context,
     args: tuple[str, ...],
@@ -391,8 +426,11 @@ def run(
     accel: str,
     show_boot: bool,
     entrypoint: str | None,
+    name: str | None,
+    rm: bool,
 ) -> None:
-    """Boot a box from IMAGE (default: busybox), run CMD in it, remove the box.
+    """Boot a box from IMAGE (default: busybox), run CMD in it, then remove the box — or, with
+    --name (and without --rm), keep it stopped, for `hutch start`/`exec` later.
 
     Without CMD, runs the image's default command (Entrypoint + Cmd); with CMD, the image's
     Entrypoint (if any) is kept and CMD replaces its Cmd, like `docker run`. The image is pulled
@@ -425,6 +463,8 @@ def run(
                 accel,
                 show_boot,
                 entrypoint,
+                name,
+                rm,
             )
         )
     except TimeoutError as e:  # the command outlived --timeout: exit 124, like timeout(1)

@@ -1,4 +1,4 @@
-"""Box commands over the runtime store: ``hutch ps``, ``rm``, ``logs``.
+"""Box commands over the runtime store: ``hutch create``, ``ps``, ``rm``, ``logs``.
 
 (``create``/``start``/``exec`` on a stored box need a process that keeps its VM: that is
 ``hutch serve``'s job, as a box's QEMU dies with the process that started it.)
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hutch.cli import _fail, _report, main
-from hutch.errors import HutchError
+from hutch.errors import BadRequestError, HutchError
 from hutch.runtime.runtime import Runtime
 from hutch.runtime.store import BoxRecord
 
@@ -50,24 +50,7 @@ def ps_cmd(show_all: bool, as_json: bool) -> None:
     except HutchError as e:
         _fail(e)
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "id": r.id,
-                        "name": r.name,
-                        "image": r.image,
-                        "state": r.state,
-                        "owner_pid": r.owner_pid,
-                        "created_at": r.created_at,
-                        "failure": r.failure,
-                        "options": r.options.to_json(),
-                    }
-                    for r in records
-                ],
-                indent=2,
-            )
-        )
+        click.echo(json.dumps([_record_json(r) for r in records], indent=2))
         return
     table = Table(box=None, pad_edge=False)
     for col in ("ID", "NAME", "IMAGE", "STATE", "CREATED", "OWNER"):
@@ -75,6 +58,83 @@ def ps_cmd(show_all: bool, as_json: bool) -> None:
     for r in records:
         table.add_row(*_row(r))
     Console(soft_wrap=True).print(table)
+
+
+@main.command("create")
+@click.argument("image", default="busybox")
+@click.option("--name", help="A unique name: [a-z0-9][a-z0-9_.-]{0,62}.")
+@click.option("--cpus", type=int, default=1, show_default=True)
+@click.option("--memory", type=int, default=256, show_default=True, help="Guest memory in MiB.")
+@click.option("--disk-size", type=int, help="Root disk size in MiB (default: the image's).")
+@click.option("-e", "--env", "env", multiple=True, help="K=V (or K to pass ours).")
+@click.option("-w", "--workdir", help="Default working directory of commands.")
+@click.option("-u", "--user", help="Default user of commands: name, uid or uid:gid.")
+@click.option("-l", "--label", "labels", multiple=True, help="A label K=V.")
+@click.option("--rm", "auto_remove", is_flag=True, help="Remove the box when it stops.")
+@click.option(
+    "--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+def create_cmd(
+    image: str,
+    name: str | None,
+    cpus: int,
+    memory: int,
+    disk_size: int | None,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    labels: tuple[str, ...],
+    auto_remove: bool,
+    accel: str,
+    as_json: bool,
+) -> None:
+    """Create a box from IMAGE (default: busybox) without starting it; print its id."""
+    from hutch.cli import _parse_env
+    from hutch.runtime.options import BoxOptions
+
+    async def go() -> BoxRecord:
+        label_map: dict[str, str] = {}
+        for item in labels:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise BadRequestError(f"label {item!r} is not K=V")
+            label_map[key] = value
+        options = BoxOptions(
+            image=image,
+            name=name,
+            cpus=cpus,
+            memory_mib=memory,
+            disk_size_mib=disk_size,
+            env=_parse_env(env),
+            workdir=workdir,
+            user=user,
+            labels=label_map,
+            auto_remove=auto_remove,
+            accel=accel,
+        )
+        async with Runtime() as rt:
+            box = await rt.create(options)
+            return await asyncio.to_thread(rt.store.get, box.id)
+
+    try:
+        rec = asyncio.run(go())
+    except HutchError as e:
+        _fail(e)
+    click.echo(json.dumps(_record_json(rec), indent=2) if as_json else rec.id)
+
+
+def _record_json(r: BoxRecord) -> dict[str, object]:
+    return {
+        "id": r.id,
+        "name": r.name,
+        "image": r.image,
+        "state": r.state,
+        "owner_pid": r.owner_pid,
+        "created_at": r.created_at,
+        "failure": r.failure,
+        "options": r.options.to_json(),
+    }
 
 
 @main.command("rm")
@@ -119,4 +179,5 @@ def logs_cmd(box: str) -> None:
     click.echo(data.decode(errors="replace"), nl=False)
 
 
-__all__ = ["logs_cmd", "ps_cmd", "rm_cmd"]
+__all__ = ["create_cmd", "logs_cmd", "ps_cmd", "rm_cmd"]
+main.add_command(ps_cmd, name="ls")  # docker-style alias
