@@ -5,6 +5,7 @@ the blocking twin is :mod:`hutch.sync`.
 """
 
 from hutch.box import Box
+from hutch.client import connect
 from hutch.codebox import CodeBox
 from hutch.errors import (
     BadRequestError,
@@ -66,4 +67,5 @@ __all__ = [
     "UnsupportedEngineError",
     "Volume",
     "__version__",
+    "connect",
 ]

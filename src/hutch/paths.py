@@ -10,6 +10,8 @@ Layout::
       build/                     scratch trees for slow builds (kernel source); safe to delete
       boxes/<box-id>/            per-box files that outlive the VM: disk overlay, console log
       cache/                     small cached verdicts (accelerator probe)
+      hutch.sock                 ``hutch serve``'s default Unix socket (0600)
+      server.token               the bearer token ``hutch serve`` requires on TCP (0600)
 
 Sockets and guest RAM live in a per-user run directory on tmpfs (see :func:`run_root`), because Unix
 socket paths are limited to 107 bytes and RAM files belong in memory.
@@ -65,6 +67,16 @@ class HutchPaths:
     @property
     def run(self) -> Path:
         return run_root()
+
+    @property
+    def server_socket(self) -> Path:
+        """Where ``hutch serve`` listens by default (a Unix socket, mode 0600)."""
+        return self.home / "hutch.sock"
+
+    @property
+    def server_token(self) -> Path:
+        """The bearer token ``hutch serve`` requires on TCP (mode 0600; made on first start)."""
+        return self.home / "server.token"
 
     def ensure(self) -> None:
         for p in (self.artifacts, self.build, self.boxes, self.cache):

@@ -105,7 +105,6 @@ def test_boxlite_error_handling_and_retry(home: Path) -> None:
     ]
 
 
-
 def test_boxlite_codebox(home: Path) -> None:
     """CodeBox on debian-python; install_package fetches tabulate from PyPI on the host."""
     out = run_example(home, "boxlite_codebox.py")
@@ -124,6 +123,37 @@ def test_boxlite_codebox(home: Path) -> None:
         "5. isolation: a new box does not have the package",
         "tabulate in a new box: None",
     ]
+
+
+def test_smolvm_basic(home: Path) -> None:
+    out = run_example(home, "smolvm_basic.py")
+    assert out[0] == "Hello from quick_exec!" and "exit code: 0" in out
+    assert any(line.startswith("uname: Linux example-machine ") for line in out)
+    assert "state: running" in out
+
+
+def test_smolvm_cleanup(home: Path) -> None:
+    out = run_example(home, "smolvm_cleanup.py")
+    assert out[:-1] == [
+        "with_machine: hi",
+        "workdir: /tmp",
+        "after stop: stopped",
+        "after restart: again",
+        "cleanup-a: gone",
+        "cleanup-b: gone",
+    ]
+
+
+def test_smolvm_error_handling(home: Path) -> None:
+    out = run_example(home, "smolvm_error_handling.py")
+    assert out[0].startswith("ConnectionError: no hutch server answers at http://localhost:9999")
+    assert out[1:-1] == [
+        "ExecutionError: exit_code=42 stdout='' stderr='error'",
+        "failed without raising: exit_code=1",
+        "NotFoundError: no box with id or name 'nonexistent-machine-12345'",
+        "SmolvmError: NotFoundError",
+    ]
+
 
 def test_examples_leave_no_boxes(home: Path) -> None:
     """Run last in this module: every example cleaned up after itself."""

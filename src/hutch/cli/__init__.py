@@ -29,6 +29,7 @@ from rich.table import Table
 from hutch import __version__
 from hutch.box import Box
 from hutch.errors import BadRequestError, HutchError, TimeoutError
+from hutch.execution import ExecResult
 from hutch.paths import HutchPaths
 from hutch.setup import load_manifest, missing_packages, outdated_artifacts, run_setup
 from hutch.vm.accel import resolve_accel
@@ -321,6 +322,13 @@ async def _run_in(
     execution = await box.spawn(
         argv, env=env, cwd=workdir, user=user, timeout=timeout, stdin=interactive
     )
+    return await attach(execution, interactive)
+
+
+async def attach(execution: Any, interactive: bool) -> int:
+    """Copy a running command's output to ours (and, if ``interactive``, our stdin to it) until
+    it ends; its exit status for ours (128+N when killed by signal N). ``execution`` is a
+    :class:`hutch.Execution` or a server's ``RemoteExecution`` (the same interface)."""
 
     async def pump(stream: Any, out: Any) -> None:
         async for chunk in stream:
@@ -367,7 +375,7 @@ async def _run_in(
     finally:
         if feeder:
             feeder.cancel()
-    result = await execution.wait()
+    result: ExecResult = await execution.wait()
     if result.signal is not None:
         return 128 + result.signal
     return result.exit_code or 0
@@ -484,8 +492,10 @@ def version() -> None:
 
 from hutch.cli import boxes as _boxes  # noqa: E402  (registers the box commands)
 from hutch.cli import images as _images  # noqa: E402  (registers the image commands)
+from hutch.cli import remote as _remote  # noqa: E402  (registers start/stop/exec/stats)
+from hutch.cli import serve as _serve  # noqa: E402  (registers `hutch serve`)
 
-__all__ = ["_boxes", "_images", "err_console", "main"]
+__all__ = ["_boxes", "_images", "_remote", "_serve", "err_console", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,225 @@
+"""Request and response bodies of the HTTP API (pydantic models, so ``/openapi.json`` describes
+them). Validation rules of box options live in :class:`hutch.BoxOptions`, not here: these models
+only check JSON types (a wrong type is a 400 ``BadRequestError``), and the options' own checks
+raise ``ConfigError`` (400) naming the field and the allowed range."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hutch.execution import DEFAULT_MAX_OUTPUT
+from hutch.runtime.options import BoxOptions
+
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(BoxOptions)
+    if f.default is not dataclasses.MISSING
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorInfo(BaseModel):
+    type: str = Field(description="The hutch.errors class name, e.g. NotFoundError.")
+    message: str
+    hint: str
+    # ExecutionError only:
+    command: list[str] | None = None
+    exit_code: int | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    signal: int | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Version(BaseModel):
+    version: str
+    api: int
+    #: The server's process id: it owns the boxes it started.
+    pid: int
+    home: str
+
+
+# --- boxes ----------------------------------------------------------------------------------
+class PortModel(_Strict):
+    host: int
+    guest: int
+    protocol: Literal["tcp", "udp"] = "tcp"
+    host_ip: str = "127.0.0.1"
+
+
+class VolumeModel(_Strict):
+    host_path: str
+    guest_path: str
+    read_only: bool = False
+
+
+class BoxOptionsModel(_Strict):
+    """The fields of hutch.BoxOptions; omitted fields take BoxOptions' defaults."""
+
+    image: str = _DEFAULTS["image"]
+    name: str | None = None
+    cpus: int = _DEFAULTS["cpus"]
+    memory_mib: int = _DEFAULTS["memory_mib"]
+    disk_size_mib: int | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    user: str | None = None
+    ports: list[PortModel] = Field(default_factory=list)
+    volumes: list[VolumeModel] = Field(default_factory=list)
+    auto_remove: bool = _DEFAULTS["auto_remove"]
+    accel: str = _DEFAULTS["accel"]
+    boot_timeout: float = _DEFAULTS["boot_timeout"]
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class BoxCreate(BoxOptionsModel):
+    start: bool = Field(False, description="Boot the box before answering (removed if that fails).")
+
+
+class BoxInfo(BaseModel):
+    """A box's stored record (hutch.BoxRecord)."""
+
+    id: str
+    name: str | None
+    image: str
+    state: str = Field(description="created, starting, running, stopping, stopped or failed")
+    image_id: str | None = None
+    failure: str | None = None
+    owner_pid: int | None = None
+    owner_start: float | None = None
+    owner_boot: str | None = None
+    qemu_pid: int | None = None
+    accel: str | None = None
+    created_at: float
+    started_at: float | None = None
+    stopped_at: float | None = None
+    boot_ms: float | None = None
+    updated_at: float = 0.0
+    revision: int = 0
+    options: BoxOptionsModel
+
+
+# --- exec -----------------------------------------------------------------------------------
+class _ExecBase(_Strict):
+    cmd: list[str] = Field(
+        default_factory=list, description="argv; empty = the image's Entrypoint + Cmd"
+    )
+    env: dict[str, str] | None = Field(None, description="merged over the image's and box's env")
+    cwd: str | None = None
+    user: str | int | None = Field(None, description="a user name, uid or uid:gid")
+    timeout: float | None = Field(
+        None, description="seconds; enforced in the guest (the process group is killed)"
+    )
+
+
+class ExecRequest(_ExecBase):
+    """A buffered exec (``POST …/exec``) or an SSE stream (``POST …/exec/sse``)."""
+
+    stdin: str | None = Field(None, description="stdin as text (UTF-8)")
+    stdin_b64: str | None = Field(None, description="stdin as base64 (binary data)")
+    max_output_bytes: int = Field(DEFAULT_MAX_OUTPUT, description="per stream (buffered exec)")
+
+
+class SpawnRequest(_ExecBase):
+    """The first message of a WebSocket exec stream."""
+
+    stdin: bool = Field(True, description="false: the process reads /dev/null")
+
+
+class ExecResultModel(BaseModel):
+    """A finished command. Output is base64 (lossless): decode ``stdout_b64``/``stderr_b64``."""
+
+    command: list[str]
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    duration_ms: float = 0.0
+    pid: int | None = None
+    stdout_b64: str = ""
+    stderr_b64: str = ""
+
+
+# --- images ---------------------------------------------------------------------------------
+class ImageConfigModel(BaseModel):
+    architecture: str
+    os: str
+    entrypoint: list[str]
+    cmd: list[str]
+    env: list[str] = Field(description="KEY=VALUE")
+    working_dir: str
+    user: str
+    created: str = ""
+
+
+class LayerModel(BaseModel):
+    digest: str
+    media_type: str
+    size: int
+    diff_id: str
+
+
+class ImageInfo(BaseModel):
+    id: str = Field(description="sha256:… of the image config")
+    references: list[str]
+    source: str
+    platform: str
+    size: int = Field(description="compressed layer bytes")
+    base_size: int = Field(description="apparent size of the base disk")
+    allocated: int = Field(description="bytes the base disk takes on the host")
+    added: float
+    manifest_digest: str | None = None
+    index_digest: str | None = None
+    config: ImageConfigModel
+    layers: list[LayerModel]
+
+
+class ImageRemoved(BaseModel):
+    done: list[str] = Field(description="'untagged: …' / 'deleted: …' lines")
+
+
+class PullRequest(_Strict):
+    reference: str
+    platform: str | None = Field(None, description="OS/ARCH[/VARIANT]; default: this host's")
+
+
+class PullEventModel(BaseModel):
+    """One NDJSON line of a pull."""
+
+    type: Literal["status", "layer", "done", "error"]
+    message: str = ""
+    digest: str | None = None
+    done: int = 0
+    total: int = 0
+    image: ImageInfo | None = None
+    error: ErrorInfo | None = None
+
+
+__all__ = [
+    "BoxCreate",
+    "BoxInfo",
+    "BoxOptionsModel",
+    "ErrorBody",
+    "ErrorInfo",
+    "ExecRequest",
+    "ExecResultModel",
+    "Health",
+    "ImageInfo",
+    "ImageRemoved",
+    "PullEventModel",
+    "PullRequest",
+    "SpawnRequest",
+    "Version",
+]
