@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 from hutch import box as _box
 from hutch import codebox as _codebox
 from hutch import execution as _execution
+from hutch.client import execution as _client_execution
+from hutch.client import runtime as _client_runtime
 from hutch.errors import InvalidStateError
 from hutch.execution import ExecResult
 from hutch.runtime import runtime as _runtime
@@ -59,6 +61,11 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 _WRAPPED: tuple[type, ...] = (
     _runtime.Runtime,
+    _client_runtime.RemoteRuntime,
+    _client_runtime.RemoteBox,
+    _client_execution.RemoteExecution,
+    _client_execution.RemoteOutputStream,
+    _client_execution.RemoteInputStream,
     _box.Box,
     _codebox.CodeBox,
     _execution.Execution,
@@ -170,4 +177,35 @@ class Runtime(Synced):
         run(self._target.close())
 
 
-__all__ = ["Box", "CodeBox", "ExecResult", "Runtime", "Synced", "run"]
+class RemoteRuntime(Synced):
+    """Blocking :func:`hutch.connect`: ``with hutch.sync.connect(url) as rt: rt.create(…)``."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> RemoteRuntime:
+        run(self._target.open())
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        run(self._target.close())
+
+
+def connect(url: str | None = None, **kwargs: Any) -> RemoteRuntime:
+    """The blocking twin of :func:`hutch.connect` (same arguments)."""
+    from hutch.client import connect as _connect
+
+    return RemoteRuntime(_connect(url, **kwargs))
+
+
+__all__ = [
+    "Box",
+    "CodeBox",
+    "ExecResult",
+    "RemoteRuntime",
+    "Runtime",
+    "Synced",
+    "connect",
+    "run",
+]
