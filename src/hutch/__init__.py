@@ -32,6 +32,7 @@ from hutch.errors import (
 from hutch.execution import ExecResult, Execution
 from hutch.runtime.options import BoxOptions, Port, Volume
 from hutch.runtime.runtime import Runtime
+from hutch.runtime.snapshots import Snapshot
 from hutch.runtime.store import BoxRecord
 
 __version__ = "0.1.0"
@@ -61,6 +62,7 @@ __all__ = [
     "PortalError",
     "Runtime",
     "SetupError",
+    "Snapshot",
     "StorageError",
     "TimeoutError",
     "UnauthorizedError",

@@ -5,6 +5,11 @@ accelerator (:mod:`hutch.vm.accel`), makes a qcow2 overlay on the image's read-o
 QEMU (:mod:`hutch.vm.process`), connects to the portal socket and waits for the agent's ``HELLO``
 (:mod:`hutch.portal`) — all under one deadline. If the guest never becomes ready, the error carries
 the tail of the console log and QEMU is killed.
+
+Snapshots (:mod:`hutch.runtime.snapshots`): :meth:`Box.snapshot` freezes the portal, pauses the VM,
+saves its device state and copies its RAM and disk, then resumes it. A box made from a snapshot
+(:meth:`Box.clone`, :meth:`Box.fork`, ``Runtime.create(snapshot=…)``) is *restored* by its first
+:meth:`Box.start` instead of booted; later starts boot its disk like any box's.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -25,6 +31,7 @@ from typing import Any
 from hutch.errors import (
     BadRequestError,
     ConfigError,
+    ConflictError,
     EngineError,
     HutchError,
     InvalidStateError,
@@ -36,7 +43,7 @@ from hutch.guest.kernel import kernel_cmdline
 from hutch.images.pull import ensure_image
 from hutch.images.store import BOX_IMAGE_FILE, ImageRecord
 from hutch.paths import HutchPaths
-from hutch.portal import Hello, PortalChannel, SpawnRequest
+from hutch.portal import Hello, Identity, PortalChannel, SpawnRequest
 from hutch.runtime.metrics import (
     CPU_WINDOW,
     BoxMetrics,
@@ -44,12 +51,32 @@ from hutch.runtime.metrics import (
     parse_meminfo,
     qemu_rss_bytes,
 )
-from hutch.runtime.options import BoxOptions
+from hutch.runtime.options import BoxOptions, check_name
+from hutch.runtime.snapshots import (
+    RAM_FILE,
+    STATE_FILE,
+    Snapshot,
+    check_folder,
+    clone_disk,
+    finish_folder,
+    flatten_disk,
+    freeze_files,
+    partial_folder,
+    remove_folder,
+    snapshots_root,
+)
 from hutch.runtime.store import BoxRecord, BoxStore, ProcessIdentity, pid_exists
 from hutch.setup import Manifest, load_manifest
 from hutch.vm.accel import resolve_accel
 from hutch.vm.cmdline import VmSpec
-from hutch.vm.disk import create_overlay, disk_size_bytes, grow_overlay, storage_error
+from hutch.vm.disk import (
+    allocated_bytes,
+    create_overlay,
+    disk_size_bytes,
+    grow_overlay,
+    storage_error,
+)
+from hutch.vm.migration import load_state, save_state, wait_chardev_open
 from hutch.vm.process import QemuProcess
 
 log = logging.getLogger("hutch")
@@ -59,6 +86,11 @@ SPAWN_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 5.0
 #: Deadline for small control messages (shutdown request, ping) to a possibly hung guest.
 CONTROL_TIMEOUT = 5.0
+#: Deadline for saving a snapshot's state and copying its RAM and disk (the VM is paused).
+SNAPSHOT_TIMEOUT = 60.0
+#: Most clones one fork() makes.
+MAX_FORK = 256
+DISK_FILE = "disk.qcow2"
 
 
 def new_box_id() -> str:
@@ -141,6 +173,19 @@ def check_disk_size(want_mib: int, base_bytes: int, image: str) -> None:
         )
 
 
+async def release_snapshot(paths: HutchPaths, store: BoxStore, snapshot_id: str) -> bool:
+    """Remove an ``auto_remove`` snapshot (made by clone()/fork()) once no box uses it; returns
+    whether it was removed."""
+    try:
+        gone = await asyncio.to_thread(store.delete_snapshot, snapshot_id, only_auto=True)
+    except HutchError as e:
+        log.warning("snapshot %s: could not release it: %s", snapshot_id, e.message)
+        return False
+    if gone:
+        await asyncio.to_thread(remove_folder, paths, snapshot_id)
+    return gone
+
+
 class Box:
     """A micro-VM sandbox. ``async with Box() as box:`` boots it and removes it afterwards."""
 
@@ -202,6 +247,13 @@ class Box:
         self._recorded = False
         #: Set when another live process owns (runs) this box: it cannot be driven from here.
         self._foreign_owner: int | None = None
+        #: The snapshot this box was made from (its first start restores it), else None.
+        self.snapshot_id: str | None = None
+        #: Milliseconds the last restore took (QEMU launch → the agent's HELLO), else None.
+        self.restore_ms: float | None = None
+        self._snapshot_lock = asyncio.Lock()
+        #: Set by a Runtime for the boxes it tracks: clones made by clone()/fork() join it.
+        self._adopt: Callable[[Box], None] | None = None
 
     @classmethod
     def _from_options(
@@ -220,9 +272,23 @@ class Box:
         )
 
     @classmethod
+    def from_snapshot(
+        cls, snapshot: Snapshot, *, name: str | None = None, home: Path | str | None = None
+    ) -> Box:
+        """A new box (not started) made from ``snapshot``: its first :meth:`start` resumes the
+        snapshot's VM (copy-on-write RAM, its own disk overlay on the snapshot's disk) with a new
+        identity (hostname = the box's name, RNG reseeded, clock set) instead of booting."""
+        options = dataclasses.replace(snapshot.options, name=name)
+        paths = HutchPaths(Path(home).absolute()) if home else HutchPaths.default()
+        box = cls._from_options(options, home=paths.home, name=name)
+        box.snapshot_id = snapshot.id
+        return box
+
+    @classmethod
     def _from_record(cls, rec: BoxRecord, *, home: Path) -> Box:
         """A Box object for a stored box (made by another process, or earlier by this one)."""
         box = cls._from_options(rec.options, home=home, id=rec.id, name=rec.name)
+        box.snapshot_id = rec.snapshot_id
         box._recorded = True
         box.state = rec.state
         box.boot_ms = rec.boot_ms
@@ -250,18 +316,21 @@ class Box:
                 raise
             log.warning("box %s: could not record %s in the store: %s", self.id, what, e.message)
 
-    async def _claim_start(self) -> None:
+    async def _claim_start(self, restoring: bool) -> None:
         store = self._store()
         if not self._recorded:
-            rec = BoxRecord.new(self.options, id=self.id, name=self.name)
+            rec = BoxRecord.new(
+                self.options, id=self.id, name=self.name, snapshot_id=self.snapshot_id
+            )
             await asyncio.to_thread(store.insert, rec)
             self._recorded = True
+        how = f" (restoring snapshot {self.snapshot_id})" if restoring else ""
         await asyncio.to_thread(
             store.claim,
             self.id,
             state="starting",
             expect={"created", "stopped", "failed"},
-            event=("start", f"by pid {os.getpid()}"),
+            event=("start", f"by pid {os.getpid()}{how}"),
         )
 
     def _check_implemented(self) -> None:
@@ -316,7 +385,9 @@ class Box:
         self._check_implemented()
         if self.state == "failed":
             await self._teardown()  # what is left of the failed VM: watcher, QEMU, sockets
-        await self._claim_start()  # compare-and-set in the store: one starter wins
+        # A box made from a snapshot is restored until it has a disk of its own.
+        restoring = self.snapshot_id is not None and not (self.box_dir / DISK_FILE).exists()
+        await self._claim_start(restoring)  # compare-and-set in the store: one starter wins
         self.state = "starting"
         self.failure = None
         t0 = time.monotonic()
@@ -326,11 +397,17 @@ class Box:
             manifest = load_manifest(self.paths)
             self.image_record = record = await ensure_image(self.image, paths=self.paths)
             self.image_ms = (time.monotonic() - t0) * 1000.0
-            await self._boot(manifest, record, t0, time.monotonic() + self.boot_timeout)
+            deadline = time.monotonic() + self.boot_timeout
+            if restoring:
+                await self._restore(manifest, record, t0, deadline)
+            else:
+                await self._boot(manifest, record, t0, deadline)
         except BaseException as e:
             self.state = "failed"
             self.failures += 1
             await self._teardown()
+            if restoring:  # its disk only makes sense with the RAM it resumed with: next start
+                (self.box_dir / DISK_FILE).unlink(missing_ok=True)  # restores again
             why = e.message if isinstance(e, HutchError) else (str(e) or type(e).__name__)
             await self._persist(
                 "the failed start",
@@ -372,16 +449,8 @@ class Box:
         # The probe itself logs a warning when it falls back to TCG; later boxes just note it.
         log.info("box %s: accelerator %s (%s)", self.id, verdict.accel, verdict.reason)
         sweep_stale_run_dirs(self.paths)
-        disk = self.box_dir / "disk.qcow2"
-        try:
-            self.box_dir.mkdir(parents=True, exist_ok=True)
-            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            me = ProcessIdentity.current()  # "PID START": survives pid reuse
-            (self.run_dir / "owner").write_text(f"{me.pid} {me.start}")
-            (self.box_dir / BOX_IMAGE_FILE).write_text(record.id)
-            self.console_log.write_bytes(b"")
-        except OSError as e:
-            raise storage_error(Path(e.filename or self.box_dir), e) from e
+        disk = self.box_dir / DISK_FILE
+        self._prepare_dirs(record)
         if not disk.exists():
             await create_overlay(base, disk)
         extra_args = await self._size_disk(base, disk)
@@ -402,6 +471,96 @@ class Box:
         channel = self._channel = await self._connect(qemu, spec.portal_socket, deadline)
         self.hello = await self._wait_hello(qemu, channel, deadline)
         self.boot_ms = (time.monotonic() - t0) * 1000.0
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(qemu, channel))
+
+    def _prepare_dirs(self, record: ImageRecord) -> None:
+        try:
+            self.box_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            me = ProcessIdentity.current()  # "PID START": survives pid reuse
+            (self.run_dir / "owner").write_text(f"{me.pid} {me.start}")
+            (self.box_dir / BOX_IMAGE_FILE).write_text(record.id)
+            self.console_log.write_bytes(b"")
+        except OSError as e:
+            raise storage_error(Path(e.filename or self.box_dir), e) from e
+
+    async def _restore(
+        self, manifest: Manifest, record: ImageRecord, t0: float, deadline: float
+    ) -> None:
+        """Resume the snapshot's VM as this box (see docs/ARCHITECTURE.md, *Snapshots*).
+
+        QEMU starts with the snapshot's machine command line, paused, waiting for an incoming
+        migration; its RAM is the snapshot's RAM file mapped copy-on-write and its disk a new
+        overlay on the snapshot's disk. The state file is read (``migrate-incoming``); the portal
+        is connected *before* the VM resumes, so the guest's port never sees its host leave; then
+        RESTORE gives the agent its new identity and the HELLO answering it ends the restore."""
+        assert self.snapshot_id is not None
+        snap = await asyncio.to_thread(self._store().get_snapshot, self.snapshot_id)
+        folder = snap.folder(self.paths)
+        check_folder(folder)
+        if (snap.cpus, snap.memory_mib) != (self.cpus, self.memory_mib):
+            raise ConfigError(
+                f"box {self.id}: cpus/memory_mib must be the snapshot's "
+                f"({snap.cpus}/{snap.memory_mib}), not {self.cpus}/{self.memory_mib}"
+            )
+        self.accel = snap.accel
+        sweep_stale_run_dirs(self.paths)
+        self._prepare_dirs(record)
+        disk = self.box_dir / DISK_FILE
+        clone_disk(folder, disk)
+        kernel, initramfs = Path(snap.kernel), Path(snap.initramfs)
+        if not (kernel.is_file() and initramfs.is_file()):  # rebuilt since: the state has
+            kernel, initramfs = manifest.kernel_path, manifest.initramfs_path  # the RAM anyway
+        spec = VmSpec(
+            kernel=kernel,
+            initramfs=initramfs,
+            root_disk=disk,
+            cmdline=snap.cmdline,
+            portal_socket=self.run_dir / "portal.sock",
+            qmp_socket=self.run_dir / "qmp.sock",
+            console_log=self.console_log,
+            ram_file=folder / RAM_FILE,
+            accel=snap.accel,
+            cpus=snap.cpus,
+            memory_mib=snap.memory_mib,
+            ram_shared=False,
+            incoming=True,
+        )
+        try:
+            state_fd = os.open(folder / STATE_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise storage_error(folder / STATE_FILE, e) from e
+        try:
+            qemu = self._qemu = await QemuProcess.start(
+                spec, self.box_dir / "qemu.log", pass_fds=(state_fd,)
+            )
+        finally:
+            os.close(state_fd)
+        connect = asyncio.ensure_future(
+            self._connect(qemu, spec.portal_socket, deadline, restoring=True)
+        )
+        try:
+            async with qemu.qmp_session(deadline) as qmp:
+                await load_state(qmp, state_fd, deadline)
+                channel = self._channel = await connect
+                await wait_chardev_open(qmp, "portal", deadline)
+                await channel.restore(Identity(hostname=self.name))
+                await qmp.execute("cont")
+        except EngineError as e:
+            raise EngineError(
+                f"box {self.id}: restoring snapshot {snap.id} failed: {e.message}\n"
+                f"{qemu.diagnostics()}",
+                hint="Remove the snapshot and take it again if it keeps failing (it may come "
+                "from another QEMU version).",
+            ) from None
+        finally:
+            if not connect.done():
+                connect.cancel()
+                with contextlib.suppress(BaseException):
+                    await connect
+        self.hello = await self._wait_hello(qemu, channel, deadline)
+        self.boot_ms = (time.monotonic() - t0) * 1000.0
+        self.restore_ms = self.boot_ms - (self.image_ms or 0.0)
         self._watcher = asyncio.get_running_loop().create_task(self._watch(qemu, channel))
 
     async def _size_disk(self, base: Path, disk: Path) -> list[str]:
@@ -428,14 +587,16 @@ class Box:
             "`hutch doctor` checks the kernel and accelerator.",
         )
 
-    async def _connect(self, qemu: QemuProcess, sock: Path, deadline: float) -> PortalChannel:
+    async def _connect(
+        self, qemu: QemuProcess, sock: Path, deadline: float, *, restoring: bool = False
+    ) -> PortalChannel:
         while True:
             if not qemu.running or time.monotonic() > deadline:
                 raise self._not_ready(qemu, "before its portal socket accepted a connection")
             try:
-                return await PortalChannel.connect_unix(str(sock))
+                return await PortalChannel.connect_unix(str(sock), restoring=restoring)
             except (FileNotFoundError, ConnectionRefusedError):
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.002 if restoring else 0.005)
 
     async def _wait_hello(
         self, qemu: QemuProcess, channel: PortalChannel, deadline: float
@@ -502,7 +663,7 @@ class Box:
 
     async def stop(self) -> None:
         """Shut the guest down (processes get SIGTERM, then SIGKILL); the disk is kept."""
-        if self.state in ("created", "stopped"):
+        if self.state in ("created", "stopped", "removed"):
             return
         self._check_owner()
         self.state = "stopping"
@@ -538,7 +699,10 @@ class Box:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     async def remove(self) -> None:
-        """Stop the box if needed and delete its disk and logs."""
+        """Stop the box if needed and delete its disk and logs (and the snapshot it was cloned
+        from, if that was made by clone()/fork() and this was its last box)."""
+        if self.state == "removed":
+            return
         await self.stop()
         shutil.rmtree(self.box_dir, ignore_errors=True)
         if self._recorded:
@@ -548,6 +712,8 @@ class Box:
                 strict=False,
             )
         self.state = "removed"
+        if self.snapshot_id is not None:
+            await release_snapshot(self.paths, self._store(), self.snapshot_id)
 
     async def __aenter__(self) -> Box:
         await self.start()
@@ -720,6 +886,150 @@ class Box:
             Execution(stream, pid, None, 1 << 20).wait(), CONTROL_TIMEOUT
         )
         return result.stdout
+
+    # --- snapshots and clones ---------------------------------------------------------------
+    async def snapshot(self, name: str | None = None) -> Snapshot:
+        """Freeze this running box into a snapshot (RAM, device state, disk) and let it run on.
+
+        The VM is paused for the copy (tens of milliseconds for a small guest); processes in it
+        keep running afterwards, and commands sent meanwhile wait. The snapshot is recorded in
+        the home's store until ``Runtime.remove_snapshot``; boxes made from it
+        (``Runtime.create(snapshot=…)``) resume where this box was."""
+        return await self._snapshot(name, auto_remove=False)
+
+    async def clone(self, *, name: str | None = None) -> Box:
+        """A running copy of this box: a snapshot, restored as a new box with its own name,
+        hostname, RNG seed and disk overlay. The snapshot goes with its last clone."""
+        return (await self.fork(1, names=None if name is None else [name]))[0]
+
+    async def fork(self, n: int, *, names: Sequence[str] | None = None) -> builtins.list[Box]:
+        """``n`` running copies of this box from one snapshot, restored concurrently (see
+        :meth:`clone`). If any fails, all are removed and the error is raised."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_FORK:
+            raise BadRequestError(f"fork() makes 1 to {MAX_FORK} boxes, not {n!r}")
+        if names is not None:
+            names = [check_name(x, "clone name") for x in names]
+            if len(names) != n or len(set(names)) != n:
+                raise BadRequestError(f"fork({n}) needs {n} different names, not {names!r}")
+        snap = await self._snapshot(None, auto_remove=True)
+        boxes = [
+            Box.from_snapshot(snap, name=names[i] if names else None, home=self.paths.home)
+            for i in range(n)
+        ]
+        results = await asyncio.gather(*(b.start() for b in boxes), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await asyncio.gather(*(b.remove() for b in boxes), return_exceptions=True)
+            await release_snapshot(self.paths, self._store(), snap.id)
+            raise errors[0]
+        if self._adopt is not None:
+            for b in boxes:
+                self._adopt(b)
+        return boxes
+
+    async def _snapshot(self, name: str | None, *, auto_remove: bool) -> Snapshot:
+        if name is not None:
+            check_name(name, "snapshot name")
+        channel = self._require_channel()
+        qemu, hello, record = self._qemu, self.hello, self.image_record
+        assert qemu is not None and record is not None
+        if hello is None or hello.minor < 1:
+            raise InvalidStateError(
+                f"box {self.id}: its guest agent predates snapshots",
+                hint="Run `hutch setup` (it rebuilds the agent), then stop and start the box.",
+            )
+        store = self._store()
+        if name is not None and await asyncio.to_thread(store.find_snapshot, name) is not None:
+            raise ConflictError(
+                f"the snapshot name {name!r} is already taken",
+                hint="Pick another name, or remove the old snapshot first.",
+            )
+        snap_id = new_box_id()
+        partial = partial_folder(self.paths, snap_id)
+        final = snapshots_root(self.paths) / snap_id
+        async with self._snapshot_lock:
+            try:
+                partial.mkdir(parents=True)
+            except OSError as e:
+                raise storage_error(partial, e) from e
+            try:
+                ram_bytes, state_bytes = await self._freeze_into(channel, qemu, partial)
+                if self.snapshot_id is not None:  # a clone: its disk is on another snapshot's
+                    lower = snapshots_root(self.paths) / self.snapshot_id / DISK_FILE
+                    await asyncio.to_thread(flatten_disk, partial, lower)
+                disk_bytes = allocated_bytes(partial / DISK_FILE)
+                await asyncio.to_thread(finish_folder, partial, final, record.id)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+        snap = Snapshot(
+            id=snap_id,
+            name=name,
+            source_box=self.id,
+            image=self.image,
+            image_id=record.id,
+            options=dataclasses.replace(self.options, name=None),
+            accel=self.accel or qemu.spec.accel,
+            kernel=str(qemu.spec.kernel),
+            initramfs=str(qemu.spec.initramfs),
+            cmdline=qemu.spec.cmdline,
+            ram_bytes=ram_bytes,
+            disk_bytes=disk_bytes,
+            state_bytes=state_bytes,
+            auto_remove=auto_remove,
+        )
+        if not self._recorded:  # a plain Box is recorded at its start; be safe
+            await asyncio.to_thread(store.insert, BoxRecord.new(self.options, id=self.id))
+            self._recorded = True
+        try:
+            await asyncio.to_thread(store.insert_snapshot, snap)
+        except BaseException:
+            await asyncio.to_thread(remove_folder, self.paths, snap_id)
+            raise
+        log.info(
+            "box %s: snapshot %s (RAM %.1f MiB, disk %.1f MiB, state %.0f KiB)",
+            self.id,
+            snap_id,
+            ram_bytes / MIB,
+            disk_bytes / MIB,
+            state_bytes / 1024,
+        )
+        return snap
+
+    async def _freeze_into(
+        self, channel: PortalChannel, qemu: QemuProcess, folder: Path
+    ) -> tuple[int, int]:
+        """Freeze the portal, pause the VM, save its state and copy RAM and disk into
+        ``folder``; resume the VM and thaw the portal whatever happens."""
+        deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+        try:
+            await channel.freeze(CONTROL_TIMEOUT)
+        except builtins.TimeoutError:
+            raise TimeoutError(
+                f"box {self.id}: the guest agent did not answer FREEZE within "
+                f"{CONTROL_TIMEOUT:g} s",
+                hint="The guest may be overloaded or hung; see the console log.",
+            ) from None
+        try:
+            async with qemu.qmp_session() as qmp:
+                try:
+                    state_bytes = await save_state(qmp, folder / STATE_FILE, deadline)
+                    ram_bytes = await asyncio.to_thread(
+                        freeze_files,
+                        qemu.spec.ram_file if qemu.spec.ram_shared else None,
+                        qemu.spec.memory_mib * MIB,
+                        qemu.spec.root_disk,
+                        folder,
+                        layered=self.snapshot_id is not None,
+                    )
+                except BaseException:
+                    with contextlib.suppress(EngineError):
+                        await qmp.execute("cont")
+                    raise
+                await qmp.execute("cont")
+        finally:
+            channel.thaw(time.time_ns())  # the guest's clock stood still while it was paused
+        return ram_bytes, state_bytes
 
     async def ping(self, timeout: float = CONTROL_TIMEOUT) -> float:
         """Round trip to the guest agent, in seconds; TimeoutError if it does not answer."""

@@ -7,6 +7,13 @@ and enforces the flow-control windows of docs/PROTOCOL.md §5, so the host never
 window of unread output per fd.
 
 Any protocol violation closes the channel: every waiting caller gets the :class:`PortalError`.
+
+Snapshots (PROTOCOL.md §3, ``FREEZE``): :meth:`PortalChannel.freeze` holds every frame the host
+would send until :meth:`PortalChannel.thaw`, so the host→guest byte stream ends on a frame
+boundary while the VM is paused. A channel to a clone is opened with ``restoring=True``: its
+handshake is :meth:`PortalChannel.restore` (``RESTORE``) answered by a ``HELLO`` carrying the same
+nonce; a plain ``HELLO`` before that (the agent greeting a reconnect) makes it send ``RESTORE``
+again instead of completing the handshake.
 """
 
 from __future__ import annotations
@@ -15,17 +22,21 @@ import asyncio
 import contextlib
 import errno as errno_mod
 import logging
+import os
+import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hutch.errors import BadRequestError, HutchError, NotFoundError, PortalError
 from hutch.portal.codec import (
     INITIAL_WINDOW,
     MAX_ARGS,
     MAX_DATA,
+    MAX_ENTROPY,
     MAX_PAYLOAD,
     MAX_PING,
+    NONCE_LEN,
     PROTOCOL_VERSION,
     Fields,
     Frame,
@@ -42,6 +53,11 @@ READ_CHUNK = 256 << 10
 #: Output credit is returned to the guest in batches of this many bytes (see ProcessStream.consumed).
 CREDIT_BATCH = INITIAL_WINDOW // 4
 EOF = None
+#: Bytes of host entropy a clone gets in RESTORE.
+RESTORE_ENTROPY = 64
+#: Frames a restoring channel drops before its handshake (output a clone held for its parent's
+#: host); more is a protocol violation.
+MAX_STALE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,39 @@ class Hello:
     kernel: str
     boot_start_us: int
     boot_ready_us: int
+    #: Protocol minor version (0 for agents that predate it); snapshots need 1.
+    minor: int = 0
+    #: The nonce of the RESTORE this HELLO answers (a clone's handshake), else None.
+    nonce: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a clone takes on when it resumes (``RESTORE``): a fresh RNG seed, the host's clock
+    (read when the frame is sent) and its hostname."""
+
+    hostname: str
+    entropy: bytes = field(default_factory=lambda: os.urandom(RESTORE_ENTROPY), repr=False)
+    nonce: bytes = field(default_factory=lambda: secrets.token_bytes(NONCE_LEN))
+
+    def __post_init__(self) -> None:
+        raw = self.hostname.encode()
+        if not 1 <= len(raw) <= 64 or b"\0" in raw:
+            raise BadRequestError(f"invalid guest hostname {self.hostname!r} (1 to 64 bytes)")
+        if not 1 <= len(self.entropy) <= MAX_ENTROPY:
+            raise BadRequestError(f"RESTORE carries 1 to {MAX_ENTROPY} bytes of entropy")
+        if len(self.nonce) != NONCE_LEN:
+            raise BadRequestError(f"a RESTORE nonce is {NONCE_LEN} bytes")
+
+    def encode(self, realtime_ns: int | None = None) -> bytes:
+        return encode_tlv(
+            [
+                (Tag.NONCE, self.nonce),
+                (Tag.ENTROPY, self.entropy),
+                (Tag.REALTIME_NS, time.time_ns() if realtime_ns is None else realtime_ns),
+                (Tag.HOSTNAME, self.hostname),
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -236,7 +285,9 @@ class ProcessStream:
 class PortalChannel:
     """The host end of one guest's portal connection."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, restoring: bool = False
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._decoder = FrameDecoder()
@@ -247,13 +298,24 @@ class PortalChannel:
         self._pongs: dict[bytes, asyncio.Future[None]] = {}
         self._closed: BaseException | None = None
         self.closed_event = asyncio.Event()
+        # Snapshots: frames held while frozen, and the FROZEN being waited for.
+        self._paused = False
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._held: list[bytes] = []
+        self._frozen: asyncio.Future[None] | None = None
+        # Clones: the handshake is RESTORE → HELLO with its nonce.
+        self._restoring = restoring
+        self._identity: Identity | None = None
+        self._stale_bytes = 0
         self._task = loop.create_task(self._read_loop(), name="hutch-portal-reader")
 
     # --- lifecycle ------------------------------------------------------------------------
     @classmethod
-    async def connect_unix(cls, path: str) -> PortalChannel:
+    async def connect_unix(cls, path: str, *, restoring: bool = False) -> PortalChannel:
+        """Connect to a guest's portal socket; ``restoring`` for a clone (see :meth:`restore`)."""
         reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK)
-        return cls(reader, writer)
+        return cls(reader, writer, restoring=restoring)
 
     async def wait_hello(self) -> Hello:
         return await asyncio.shield(self.hello)
@@ -275,11 +337,12 @@ class PortalChannel:
             self.hello.exception()
         for stream in list(self._streams.values()):
             stream._finish(error=exc)
-        for fut in self._pongs.values():
-            if not fut.done():
+        for fut in [*self._pongs.values(), self._frozen]:
+            if fut is not None and not fut.done():
                 fut.set_exception(exc)
                 fut.exception()
         self._pongs.clear()
+        self._unpaused.set()  # writers waiting for a thaw fail in _check_open
         with contextlib.suppress(Exception):
             self._writer.close()
         self.closed_event.set()
@@ -321,7 +384,19 @@ class PortalChannel:
             self._on_hello(frame)
             return
         if not self.hello.done():
+            if self._restoring:
+                # A clone may still flush output its parent's host was owed: drop it.
+                self._stale_bytes += len(frame.payload) + 12
+                if self._stale_bytes > MAX_STALE_BYTES:
+                    raise PortalError(
+                        f"guest sent {self._stale_bytes} bytes before answering RESTORE"
+                    )
+                return
             raise PortalError(f"guest sent {t.name} before HELLO")
+        if t is MsgType.FROZEN:
+            if self._frozen is not None and not self._frozen.done():
+                self._frozen.set_result(None)
+            return
         if t is MsgType.PONG:
             fut = self._pongs.pop(frame.payload, None)
             if fut is not None and not fut.done():
@@ -349,9 +424,16 @@ class PortalChannel:
             stream._on_credit(fields)
 
     def _on_hello(self, frame: Frame) -> None:
-        if self.hello.done():
-            raise PortalError("guest sent a second HELLO")
         f = decode_tlv(frame.payload)
+        nonces = f.all(Tag.NONCE)
+        if any(len(n) != NONCE_LEN for n in nonces):
+            raise PortalError(f"malformed HELLO from guest: NONCE must be {NONCE_LEN} bytes")
+        nonce = nonces[-1] if nonces else None
+        ours = self._identity.nonce if self._identity is not None else None
+        if self.hello.done():
+            if self._restoring and nonce is not None and nonce == ours:
+                return  # the answer to a repeated RESTORE
+            raise PortalError("guest sent a second HELLO")
         version = f.u(Tag.VERSION)
         if version != PROTOCOL_VERSION:
             raise PortalError(
@@ -359,6 +441,12 @@ class PortalChannel:
                 f"{PROTOCOL_VERSION}",
                 hint="Run `hutch setup` to rebuild the guest agent and initramfs.",
             )
+        if self._restoring and (nonce is None or nonce != ours):
+            # The agent greeted a (re)connection, not our RESTORE: it may have dropped the
+            # RESTORE with the old connection's input, so send it again.
+            if self._identity is not None:
+                self._send_raw(Frame(MsgType.RESTORE, 0, self._identity.encode()))
+            return
         self.hello.set_result(
             Hello(
                 version=version,
@@ -366,6 +454,8 @@ class PortalChannel:
                 kernel=f.text(Tag.KERNEL, "", limit=256) or "",
                 boot_start_us=f.u(Tag.BOOT_START_US, 0) or 0,
                 boot_ready_us=f.u(Tag.BOOT_READY_US, 0) or 0,
+                minor=f.u(Tag.MINOR, 0) or 0,
+                nonce=nonce,
             )
         )
 
@@ -376,7 +466,8 @@ class PortalChannel:
                 raise PortalError(f"portal is closed: {self._closed.message}")
             raise PortalError(f"portal is closed: {self._closed}")
 
-    def _send_nowait(self, frame: Frame) -> None:
+    def _send_raw(self, frame: Frame) -> None:
+        """Write now, even while frozen (FREEZE/THAW/RESTORE themselves)."""
         if self._closed is not None:
             return
         try:
@@ -384,7 +475,18 @@ class PortalChannel:
         except (OSError, RuntimeError) as e:
             self._fail(PortalError(f"portal write failed: {e}"))
 
+    def _send_nowait(self, frame: Frame) -> None:
+        if self._closed is not None:
+            return
+        if self._paused:
+            self._held.append(frame.encode())
+            return
+        self._send_raw(frame)
+
     async def _send(self, frame: Frame) -> None:
+        while self._paused:
+            self._check_open()
+            await self._unpaused.wait()
         self._check_open()
         try:
             self._writer.write(frame.encode())
@@ -392,6 +494,56 @@ class PortalChannel:
         except (OSError, RuntimeError) as e:
             self._fail(PortalError(f"portal write failed: {e}"))
             self._check_open()
+
+    # --- snapshots ------------------------------------------------------------------------
+    async def freeze(self, timeout: float) -> None:
+        """Send FREEZE and wait (up to ``timeout`` s) for FROZEN. From the call on, frames the
+        host sends are held until :meth:`thaw` — which the caller must call, also on error
+        (a failed freeze thaws by itself)."""
+        self._check_open()
+        if self._paused:
+            raise PortalError("the portal is already frozen")
+        self._paused = True
+        self._unpaused.clear()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._frozen = fut
+        try:
+            self._send_raw(Frame(MsgType.FREEZE, 0))
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except BaseException:
+            self.thaw()
+            raise
+        finally:
+            self._frozen = None
+
+    def thaw(self, realtime_ns: int | None = None) -> None:
+        """Send THAW (with the host's clock, if given), then every frame held since
+        :meth:`freeze`, and let writers go on."""
+        if not self._paused:
+            return
+        payload = encode_tlv([(Tag.REALTIME_NS, realtime_ns)]) if realtime_ns is not None else b""
+        self._send_raw(Frame(MsgType.THAW, 0, payload))
+        held, self._held = self._held, []
+        if self._closed is None:
+            for data in held:
+                try:
+                    self._writer.write(data)
+                except (OSError, RuntimeError) as e:
+                    self._fail(PortalError(f"portal write failed: {e}"))
+                    break
+        self._paused = False
+        self._unpaused.set()
+
+    async def restore(self, identity: Identity) -> None:
+        """A clone's handshake: send RESTORE; :attr:`hello` resolves with the HELLO that carries
+        its nonce (the caller bounds the wait). Only for channels opened with ``restoring``."""
+        self._check_open()
+        if not self._restoring or self._identity is not None:
+            raise PortalError("restore() is the handshake of a restoring channel, once")
+        self._identity = identity
+        self._send_raw(Frame(MsgType.RESTORE, 0, identity.encode()))
+        with contextlib.suppress(OSError, RuntimeError):
+            await self._writer.drain()
 
     async def spawn(self, request: SpawnRequest) -> ProcessStream:
         """Send SPAWN; the returned stream's ``started`` resolves to the pid or raises."""

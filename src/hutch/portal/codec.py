@@ -16,6 +16,13 @@ from enum import IntEnum
 from hutch.errors import PortalError
 
 PROTOCOL_VERSION = 1
+#: Minor version (HELLO's ``MINOR``; absent = 0). 1 adds FREEZE/FROZEN/THAW/RESTORE (snapshots):
+#: an agent that predates it cannot be snapshotted, everything else works as before.
+PROTOCOL_MINOR = 1
+#: Length of RESTORE's nonce (echoed in the HELLO that answers it).
+NONCE_LEN = 16
+#: Most entropy bytes one RESTORE may carry (the agent's limit too).
+MAX_ENTROPY = 512
 MAGIC = 0x4854
 HEADER = struct.Struct("<HBBII")
 HEADER_SIZE = HEADER.size  # 12
@@ -32,6 +39,10 @@ class MsgType(IntEnum):
     PING = 0x02
     PONG = 0x03
     SHUTDOWN = 0x04
+    FREEZE = 0x05
+    FROZEN = 0x06
+    THAW = 0x07
+    RESTORE = 0x08
     SPAWN = 0x20
     STDIN = 0x21
     SIGNAL = 0x22
@@ -48,6 +59,7 @@ GUEST_TYPES = frozenset(
     {
         MsgType.HELLO,
         MsgType.PONG,
+        MsgType.FROZEN,
         MsgType.CREDIT,
         MsgType.STARTED,
         MsgType.STDOUT,
@@ -65,6 +77,8 @@ class Tag(IntEnum):
     KERNEL = 3
     BOOT_START_US = 4
     BOOT_READY_US = 5
+    MINOR = 6
+    NONCE = 7
     ARG = 16
     ENV = 17
     CWD = 18
@@ -82,11 +96,15 @@ class Tag(IntEnum):
     ERRNO = 52
     KIND = 53
     MESSAGE = 54
+    ENTROPY = 64
+    REALTIME_NS = 65
+    HOSTNAME = 66
 
 
 U32_TAGS = frozenset(
     {
         Tag.VERSION,
+        Tag.MINOR,
         Tag.TIMEOUT_MS,
         Tag.STDIN,
         Tag.SIGNAL,
@@ -99,7 +117,7 @@ U32_TAGS = frozenset(
         Tag.ERRNO,
     }
 )
-U64_TAGS = frozenset({Tag.BOOT_START_US, Tag.BOOT_READY_US, Tag.DURATION_US})
+U64_TAGS = frozenset({Tag.BOOT_START_US, Tag.BOOT_READY_US, Tag.DURATION_US, Tag.REALTIME_NS})
 _TLV_HEAD = struct.Struct("<HI")
 
 

@@ -10,6 +10,10 @@ SIGKILL). Another process sees such a box with its state and owner pid, and gets
 :class:`InvalidStateError` saying so if it tries to drive it. When the owner dies, its boxes'
 QEMUs die with it and the next runtime to open the home (:func:`recover`) marks them ``stopped``
 (``failed`` if they were still starting), keeping their disks.
+
+Snapshots (:mod:`hutch.runtime.snapshots`) are listed, found and removed here;
+``create(snapshot=…)`` makes a box that resumes one. Snapshots made by ``box.clone()``/``fork()``
+go with their last clone.
 """
 
 from __future__ import annotations
@@ -17,18 +21,20 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from hutch.box import Box, store_for
-from hutch.errors import InvalidStateError
+from hutch.errors import HutchError, InvalidStateError
 from hutch.execution import ExecResult
 from hutch.paths import HutchPaths
 from hutch.runtime.metrics import RuntimeMetrics
 from hutch.runtime.options import BoxOptions
 from hutch.runtime.recovery import RecoveryReport, kill_qemu, recover
+from hutch.runtime.snapshots import ORPHAN_AGE, Snapshot, clone_options, remove_folder, sweep
 from hutch.runtime.store import BoxRecord, BoxStore, ProcessIdentity
 
 log = logging.getLogger("hutch")
@@ -71,7 +77,29 @@ class Runtime:
         self.last_recovery = await asyncio.to_thread(recover, self.store, self.paths)
         if self.last_recovery:
             log.info("hutch runtime: %s", self.last_recovery.summary())
+        try:
+            await asyncio.to_thread(self._sweep_snapshots)
+        except HutchError as e:  # housekeeping must not keep the runtime from opening
+            log.warning("hutch runtime: sweeping snapshots failed: %s", e.message)
         self._opened = True
+
+    def _sweep_snapshots(self) -> None:
+        """Snapshot folders a crash left without a record, and clone()/fork() snapshots whose
+        clones are gone (e.g. removed by recovery) — older than a minute, so that a fork in
+        progress elsewhere is left alone."""
+        store = self.store
+        now = time.time()
+        for snap in store.list_snapshots():
+            old = snap.auto_remove and now - snap.created_at > ORPHAN_AGE
+            if old and store.delete_snapshot(snap.id, only_auto=True):
+                remove_folder(self.paths, snap.id)
+        sweep(self.paths, {s.id for s in store.list_snapshots()})
+
+    def _adopt(self, box: Box) -> None:
+        """Track a box made by a box of this runtime (clone/fork)."""
+        box._adopt = self._adopt
+        self._boxes[box.id] = box
+        self._created.append(box)
 
     async def __aenter__(self) -> Runtime:
         await self.open()
@@ -100,17 +128,39 @@ class Runtime:
         self._opened = False
 
     # --- boxes -----------------------------------------------------------------------------
-    async def create(self, options: BoxOptions | None = None, **kwargs: Any) -> Box:
+    async def create(
+        self,
+        options: BoxOptions | None = None,
+        *,
+        snapshot: Snapshot | str | None = None,
+        **kwargs: Any,
+    ) -> Box:
         """A new box (not started): ``create(BoxOptions(image=…))`` or ``create(image=…, …)``.
+
+        With ``snapshot`` (a :class:`Snapshot`, or its id or name) the box is made from it: its
+        first ``start()`` resumes the snapshot's VM under a new identity. Its options are the
+        snapshot's; ``name``, ``env``, ``workdir``, ``user``, ``labels``, ``auto_remove`` and
+        ``boot_timeout`` may be given, the machine (image, cpus, memory, disk) may not differ.
 
         ConflictError if the name is taken."""
         await self.open()
-        opts = options if options is not None else BoxOptions(**kwargs)
+        snap: Snapshot | None = None
+        if snapshot is not None:
+            snap = (
+                snapshot
+                if isinstance(snapshot, Snapshot)
+                else await asyncio.to_thread(self.store.get_snapshot, snapshot)
+            )
+            opts = clone_options(snap, options, kwargs)
+        else:
+            opts = options if options is not None else BoxOptions(**kwargs)
         opts.validate()
         box = Box._from_options(opts, home=self.paths.home)
-        rec = BoxRecord.new(opts, id=box.id, name=box.name)
+        box.snapshot_id = snap.id if snap is not None else None
+        rec = BoxRecord.new(opts, id=box.id, name=box.name, snapshot_id=box.snapshot_id)
         await asyncio.to_thread(self.store.insert, rec)
         box._recorded = True
+        box._adopt = self._adopt
         self._boxes[box.id] = box
         self._created.append(box)
         return box
@@ -127,6 +177,7 @@ class Runtime:
             rec = await asyncio.to_thread(self.store.get, rec.id)
         box = Box._from_record(rec, home=self.paths.home)
         if box._foreign_owner is None:
+            box._adopt = self._adopt
             self._boxes[box.id] = box
         return box
 
@@ -165,6 +216,29 @@ class Runtime:
             box.state = "stopped"
         await box.remove()
         self._boxes.pop(box.id, None)
+
+    # --- snapshots -------------------------------------------------------------------------
+    async def snapshots(self) -> builtins.list[Snapshot]:
+        """Every snapshot of the home (all processes), oldest first."""
+        await self.open()
+        return await asyncio.to_thread(self.store.list_snapshots)
+
+    async def get_snapshot(self, id_or_name: str) -> Snapshot:
+        """The snapshot with this id, unique id prefix or name (NotFoundError otherwise)."""
+        await self.open()
+        return await asyncio.to_thread(self.store.get_snapshot, id_or_name)
+
+    async def snapshot_users(self, id_or_name: str) -> builtins.list[str]:
+        """Ids of the boxes made from a snapshot (they keep it from being removed)."""
+        snap = await self.get_snapshot(id_or_name)
+        return await asyncio.to_thread(self.store.snapshot_users, snap.id)
+
+    async def remove_snapshot(self, id_or_name: str) -> None:
+        """Delete a snapshot and its files. ConflictError while boxes made from it exist (their
+        disks build on the snapshot's): remove those first."""
+        snap = await self.get_snapshot(id_or_name)
+        await asyncio.to_thread(self.store.delete_snapshot, snap.id)
+        await asyncio.to_thread(remove_folder, self.paths, snap.id)
 
     async def run(
         self, image: str, *cmd: str | Sequence[str], timeout: float | None = None, **options: Any

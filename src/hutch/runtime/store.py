@@ -28,6 +28,11 @@ alone proves nothing: after the owner dies the kernel may hand its pid to an unr
 start time (field 22 of ``/proc/PID/stat``, clock ticks since boot) of that new process differs, and
 after a reboot the boot id (``/proc/sys/kernel/random/boot_id``) does. Zombies count as dead.
 
+**Snapshots** (schema 2) have a table of their own (:class:`~hutch.runtime.snapshots.Snapshot`
+rows; names unique among snapshots). A box made from one records it in ``boxes.snapshot_id``, a
+foreign key: :meth:`BoxStore.delete_snapshot` refuses (ConflictError) while such boxes exist, in
+the same transaction that would delete it, and a box cannot be inserted for a snapshot that is gone.
+
 **Opening.** The first process to open a home's store switches it to WAL and creates or migrates
 the schema (version in ``PRAGMA user_version``; :data:`MIGRATIONS`). Opening is serialised by a
 ``flock`` on ``runtime.db.lock`` so that this happens once. A file that is not a usable SQLite
@@ -67,11 +72,12 @@ from hutch.errors import (
 )
 from hutch.paths import HutchPaths
 from hutch.runtime.options import BoxOptions, check_name
+from hutch.runtime.snapshots import Snapshot
 
 log = logging.getLogger("hutch.runtime")
 
 DB_NAME = "runtime.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Seconds a writer waits for another process's transaction before StorageError.
 BUSY_TIMEOUT = 10.0
 #: Shortest id prefix :meth:`BoxStore.get` accepts.
@@ -230,13 +236,21 @@ class BoxRecord:
     updated_at: float = 0.0
     #: Bumped by every change (the store sets it; see ``expect_revision``).
     revision: int = 0
+    #: The snapshot the box was made from (its disk backs onto the snapshot's), else None.
+    snapshot_id: str | None = None
 
     @classmethod
     def new(
-        cls, options: BoxOptions, *, id: str | None = None, name: str | None = None
+        cls,
+        options: BoxOptions,
+        *,
+        id: str | None = None,
+        name: str | None = None,
+        snapshot_id: str | None = None,
     ) -> BoxRecord:
         """A ``created`` record for new options: a fresh sortable id; the name is ``name`` or
-        ``options.name`` (None: the box has no name)."""
+        ``options.name`` (None: the box has no name); ``snapshot_id`` for a box made from a
+        snapshot."""
         from hutch.box import new_box_id  # (imported here: hutch.box may come to import us)
 
         return cls(
@@ -244,6 +258,7 @@ class BoxRecord:
             name=name if name is not None else options.name,
             image=options.image,
             options=options,
+            snapshot_id=snapshot_id,
         )
 
     @property
@@ -289,8 +304,27 @@ _COLUMNS = (
     "boot_ms",
     "updated_at",
     "revision",
+    "snapshot_id",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM boxes"
+_SNAP_COLUMNS = (
+    "id",
+    "name",
+    "source_box",
+    "image",
+    "image_id",
+    "options",
+    "accel",
+    "kernel",
+    "initramfs",
+    "cmdline",
+    "ram_bytes",
+    "disk_bytes",
+    "state_bytes",
+    "auto_remove",
+    "created_at",
+)
+_SNAP_SELECT = f"SELECT {', '.join(_SNAP_COLUMNS)} FROM snapshots"
 
 
 # --- schema ---------------------------------------------------------------------------------
@@ -330,9 +364,34 @@ def _schema_1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX events_box ON events (box_id, seq)")
 
 
+def _schema_2(conn: sqlite3.Connection) -> None:
+    """Snapshots (:mod:`hutch.runtime.snapshots`), and the snapshot each box was made from."""
+    conn.execute(
+        """CREATE TABLE snapshots (
+            id          TEXT PRIMARY KEY,
+            name        TEXT UNIQUE,
+            source_box  TEXT,
+            image       TEXT NOT NULL,
+            image_id    TEXT,
+            options     TEXT NOT NULL,
+            accel       TEXT NOT NULL,
+            kernel      TEXT NOT NULL,
+            initramfs   TEXT NOT NULL,
+            cmdline     TEXT NOT NULL,
+            ram_bytes   INTEGER NOT NULL DEFAULT 0,
+            disk_bytes  INTEGER NOT NULL DEFAULT 0,
+            state_bytes INTEGER NOT NULL DEFAULT 0,
+            auto_remove INTEGER NOT NULL DEFAULT 0,
+            created_at  REAL NOT NULL
+        )"""
+    )
+    conn.execute("ALTER TABLE boxes ADD COLUMN snapshot_id TEXT REFERENCES snapshots (id)")
+    conn.execute("CREATE INDEX boxes_snapshot ON boxes (snapshot_id)")
+
+
 #: ``MIGRATIONS[v]`` brings a version-``v`` database to version ``v + 1``. Steps run inside the one
 #: migration transaction: plain ``conn.execute`` only (``executescript`` would commit half way).
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1, _schema_2)
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -647,8 +706,16 @@ class BoxStore:
                     ) from None
                 if "boxes.id" in str(e):
                     raise ConflictError(f"a box with id {record.id} already exists") from None
+                if "FOREIGN KEY" in str(e) and record.snapshot_id is not None:
+                    raise NotFoundError(
+                        f"no snapshot {record.snapshot_id!r} (it was removed)",
+                        hint="List snapshots with Runtime.snapshots().",
+                    ) from None
                 raise
-            self._add_event(conn, record.id, "created", f"image {record.image}")
+            detail = f"image {record.image}"
+            if record.snapshot_id is not None:
+                detail += f", from snapshot {record.snapshot_id}"
+            self._add_event(conn, record.id, "created", detail)
         return stored
 
     def update_state(
@@ -840,6 +907,117 @@ class BoxStore:
                     (box_id, after, limit),
                 ).fetchall()
             return [BoxEvent(*r) for r in rows]
+
+    # --- snapshots ------------------------------------------------------------------------
+    def _snapshot(self, row: sqlite3.Row | tuple[Any, ...]) -> Snapshot:
+        values = dict(zip(_SNAP_COLUMNS, row, strict=True))
+        try:
+            values["options"] = BoxOptions.from_json(json.loads(values["options"]))
+        except (ValueError, KeyError, TypeError, ConfigError) as e:
+            raise StorageError(
+                f"snapshot {values['id']} in {self.path}: its stored options are unreadable: {e}",
+                hint="Remove the snapshot (Runtime.remove_snapshot).",
+            ) from e
+        values["auto_remove"] = bool(values["auto_remove"])
+        return Snapshot(**values)
+
+    def insert_snapshot(self, snap: Snapshot) -> Snapshot:
+        """Record a snapshot whose folder is complete. A taken name raises ConflictError."""
+        _check_id(snap.id)
+        if snap.name is not None:
+            check_name(snap.name)
+        values = [getattr(snap, c) for c in _SNAP_COLUMNS]
+        values[_SNAP_COLUMNS.index("options")] = json.dumps(snap.options.to_json(), sort_keys=True)
+        values[_SNAP_COLUMNS.index("auto_remove")] = int(snap.auto_remove)
+        with self._write("adding a snapshot to") as conn:
+            try:
+                conn.execute(
+                    f"INSERT INTO snapshots ({', '.join(_SNAP_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(_SNAP_COLUMNS))})",
+                    values,
+                )
+            except sqlite3.IntegrityError as e:
+                if "snapshots.name" in str(e):
+                    raise ConflictError(
+                        f"the snapshot name {snap.name!r} is already taken",
+                        hint="Pick another name, or remove the old snapshot first.",
+                    ) from None
+                raise ConflictError(f"a snapshot with id {snap.id} already exists") from None
+            if snap.source_box is not None and self._row(conn, snap.source_box) is not None:
+                name = f" {snap.name!r}" if snap.name else ""
+                self._add_event(conn, snap.source_box, "snapshot", f"snapshot {snap.id}{name}")
+        return snap
+
+    def find_snapshot(self, id_or_name: str) -> Snapshot | None:
+        """A snapshot by exact id, exact name or unique id prefix (ConflictError if ambiguous)."""
+        key = str(id_or_name)
+        with self._read("reading") as conn:
+            row = conn.execute(f"{_SNAP_SELECT} WHERE id = ?", (key,)).fetchone()
+            if row is None:
+                row = conn.execute(f"{_SNAP_SELECT} WHERE name = ?", (key,)).fetchone()
+            if row is None and len(key) >= MIN_PREFIX and re.fullmatch(r"[0-9a-f]+", key):
+                rows = conn.execute(
+                    f"{_SNAP_SELECT} WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
+                    (key, key + "g"),
+                ).fetchall()
+                if len(rows) > 1:
+                    raise ConflictError(
+                        f"snapshot id prefix {key!r} is ambiguous",
+                        hint="Give more characters of the id, or use the snapshot's name.",
+                    )
+                row = rows[0] if rows else None
+            return None if row is None else self._snapshot(row)
+
+    def get_snapshot(self, id_or_name: str) -> Snapshot:
+        snap = self.find_snapshot(id_or_name)
+        if snap is None:
+            raise NotFoundError(
+                f"no snapshot with id or name {id_or_name!r}",
+                hint="Runtime.snapshots() lists the snapshots.",
+            )
+        return snap
+
+    def list_snapshots(self) -> builtins.list[Snapshot]:
+        """All snapshots, oldest first."""
+        with self._read("reading") as conn:
+            return [self._snapshot(r) for r in conn.execute(f"{_SNAP_SELECT} ORDER BY id")]
+
+    def snapshot_users(self, snapshot_id: str) -> builtins.list[str]:
+        """Ids of the boxes made from the snapshot."""
+        with self._read("reading") as conn:
+            rows = conn.execute(
+                "SELECT id FROM boxes WHERE snapshot_id = ? ORDER BY id", (snapshot_id,)
+            ).fetchall()
+            return [str(r[0]) for r in rows]
+
+    def delete_snapshot(self, snapshot_id: str, *, only_auto: bool = False) -> bool:
+        """Delete a snapshot's row — refused with ConflictError while boxes were made from it.
+
+        ``only_auto``: only an ``auto_remove`` snapshot, and only when unused (no error then);
+        returns whether a row was deleted. The caller removes the folder afterwards."""
+        with self._write("removing a snapshot from") as conn:
+            row = conn.execute(f"{_SNAP_SELECT} WHERE id = ?", (snapshot_id,)).fetchone()
+            if row is None:
+                if only_auto:
+                    return False
+                raise NotFoundError(f"no snapshot {snapshot_id!r}")
+            users = [
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT id FROM boxes WHERE snapshot_id = ? ORDER BY id LIMIT 6",
+                    (snapshot_id,),
+                )
+            ]
+            if only_auto and (users or not self._snapshot(row).auto_remove):
+                return False
+            if users:
+                shown = ", ".join(users[:5]) + (", …" if len(users) > 5 else "")
+                raise ConflictError(
+                    f"snapshot {snapshot_id} is used by boxes made from it ({shown})",
+                    hint="Their disks build on the snapshot's: remove those boxes first.",
+                )
+            conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+            return True
 
     def integrity_check(self) -> builtins.list[str]:
         """SQLite's own check of the file: ``["ok"]`` when healthy (for ``hutch doctor``)."""

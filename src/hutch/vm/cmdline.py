@@ -24,6 +24,14 @@ class VmSpec:
     cpus: int = 1
     memory_mib: int = 256
     extra_args: list[str] = field(default_factory=list)
+    #: Map ``ram_file`` shared (a box's own RAM, which snapshots copy) or private: a clone maps
+    #: its snapshot's RAM file copy-on-write, so it never writes to the snapshot.
+    ram_shared: bool = True
+    #: Wait for the machine state from an incoming migration (``-incoming defer``; the host then
+    #: sends ``migrate-incoming``) and stay paused afterwards (``-S``) until QMP ``cont``.
+    incoming: bool = False
+    #: TCG's translation cache (MiB): the code it holds costs host memory per VM.
+    tb_size_mib: int = 16
 
 
 #: microvm without ACPI/PCI: QEMU appends virtio_mmio.device=… to the kernel command line itself.
@@ -32,14 +40,14 @@ MICROVM = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off"
 BASE_OPTIONS = ["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]
 
 
-def accel_options(accel: str) -> list[str]:
+def accel_options(accel: str, tb_size_mib: int = 16) -> list[str]:
     if accel == "kvm":
         return ["-accel", "kvm", "-cpu", "host"]
     # tb-size=16 saves ~12 MiB RSS per VM at the same speed (notes §1).
     # Without ERMS/FSRM the guest kernel copies with `rep movsq`/unrolled moves instead of
     # `rep movsb`, which TCG emulates byte by byte: pipe and portal throughput 2-3x higher
     # (bench/exec.py: ~35 → ~90 MB/s guest→host).
-    return ["-accel", "tcg,tb-size=16", "-cpu", "max,-erms,-fsrm"]
+    return ["-accel", f"tcg,tb-size={tb_size_mib}", "-cpu", "max,-erms,-fsrm"]
 
 
 def qemu_command(spec: VmSpec, binary: str = QEMU_BINARY) -> list[str]:
@@ -49,11 +57,14 @@ def qemu_command(spec: VmSpec, binary: str = QEMU_BINARY) -> list[str]:
     return [
         binary,
         "-M", f"{MICROVM},memory-backend=ram0",
-        *accel_options(spec.accel),
+        *accel_options(spec.accel, spec.tb_size_mib),
         "-smp", str(spec.cpus),
         "-m", mem,
-        # Guest RAM in a file, shared, so a running box can later be snapshotted and cloned.
-        "-object", f"memory-backend-file,id=ram0,size={mem},mem-path={spec.ram_file},share=on",
+        # Guest RAM in a file: shared for a box's own RAM (a snapshot copies it while the VM is
+        # paused), private (copy-on-write) for a clone mapping its snapshot's RAM.
+        "-object",
+        f"memory-backend-file,id=ram0,size={mem},mem-path={spec.ram_file},"
+        f"share={'on' if spec.ram_shared else 'off'}",
         *BASE_OPTIONS,
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
         "-kernel", str(spec.kernel),
@@ -72,6 +83,7 @@ def qemu_command(spec: VmSpec, binary: str = QEMU_BINARY) -> list[str]:
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-rng-device",
         "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
+        *(["-S", "-incoming", "defer"] if spec.incoming else []),
         *spec.extra_args,
     ]
     # fmt: on

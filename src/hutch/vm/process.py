@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import signal
+import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ log = logging.getLogger("hutch.vm")
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 QMP_TIMEOUT = 2.0
+#: While QEMU starts, how often to retry connecting to its QMP socket.
+QMP_RETRY = 0.002
 
 
 #: The guest writes the serial console; its log is capped so a hostile guest cannot fill the disk.
@@ -72,6 +76,32 @@ def tail(path: Path, max_lines: int = 30, max_bytes: int = 16384) -> str:
     return "\n".join(lines[-max_lines:])
 
 
+class QmpSession:
+    """One QMP connection used for a sequence of commands (snapshot, restore); every command is
+    bounded by its own timeout and QMP errors become :class:`EngineError`."""
+
+    def __init__(self, client: QMPClient, pid: int) -> None:
+        self.client = client
+        self.pid = pid
+
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = QMP_TIMEOUT
+    ) -> Any:
+        try:
+            return await asyncio.wait_for(self.client.execute(command, arguments), timeout)
+        except TimeoutError:
+            raise EngineError(f"QMP {command} got no answer within {timeout:g} s") from None
+        except Exception as e:
+            raise EngineError(f"QMP {command} failed: {e}") from e
+
+    def send_fd(self, fd: int) -> None:
+        """Pass a file descriptor to QEMU (SCM_RIGHTS); name it with ``getfd`` next."""
+        try:
+            self.client.send_fd_scm(fd)
+        except Exception as e:
+            raise EngineError(f"passing a file descriptor to QEMU failed: {e}") from e
+
+
 class QemuProcess:
     """A running QEMU; created by :meth:`start`."""
 
@@ -82,7 +112,18 @@ class QemuProcess:
         self.pid = proc.pid
 
     @classmethod
-    async def start(cls, spec: VmSpec, log_path: Path, binary: str | None = None) -> QemuProcess:
+    async def start(
+        cls,
+        spec: VmSpec,
+        log_path: Path,
+        binary: str | None = None,
+        *,
+        pass_fds: Sequence[int] = (),
+    ) -> QemuProcess:
+        """Start QEMU for ``spec`` (from the event-loop thread: ``--pdeathsig`` is per thread).
+
+        ``pass_fds`` stay open in QEMU under their numbers (e.g. a snapshot's state file for
+        ``migrate-incoming fd:N``)."""
         qemu = binary or shutil.which("qemu-system-x86_64")
         if qemu is None:
             raise EngineError(
@@ -103,6 +144,7 @@ class QemuProcess:
                     stdout=out,
                     stderr=out,
                     start_new_session=True,  # Ctrl-C in a terminal goes to us, not to QEMU
+                    pass_fds=tuple(pass_fds),
                 )
             except OSError as e:
                 raise EngineError(f"could not start QEMU: {e}") from e
@@ -148,6 +190,39 @@ class QemuProcess:
             return await asyncio.wait_for(client.execute(command, arguments), QMP_TIMEOUT)
         except Exception as e:
             raise EngineError(f"QMP {command} failed: {e}") from e
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), QMP_TIMEOUT)
+
+    @contextlib.asynccontextmanager
+    async def qmp_session(self, deadline: float | None = None) -> AsyncIterator[QmpSession]:
+        """A QMP connection for several commands. While QEMU is starting its socket may not exist
+        yet: connecting is retried until ``deadline`` (``time.monotonic()``; default: now +
+        ``QMP_TIMEOUT``), and given up at once if QEMU exits."""
+        if deadline is None:
+            deadline = time.monotonic() + QMP_TIMEOUT
+        sock = self.spec.qmp_socket
+        while not sock.exists() and self.running and time.monotonic() < deadline:
+            await asyncio.sleep(QMP_RETRY)  # a cheap check while QEMU starts
+        while True:
+            client = QMPClient(f"hutch-{self.pid}")
+            try:
+                left = max(0.001, deadline - time.monotonic())
+                await asyncio.wait_for(client.connect(str(self.spec.qmp_socket)), left)
+                break
+            except Exception as e:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.disconnect(), QMP_TIMEOUT)
+                if not self.running:
+                    raise EngineError(
+                        f"QEMU exited with status {self.returncode} before QMP answered\n"
+                        f"{self.diagnostics()}"
+                    ) from None
+                if time.monotonic() >= deadline:
+                    raise EngineError(f"could not connect to QEMU's QMP socket: {e}") from e
+                await asyncio.sleep(QMP_RETRY)
+        try:
+            yield QmpSession(client, self.pid)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.disconnect(), QMP_TIMEOUT)

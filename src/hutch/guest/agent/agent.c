@@ -15,6 +15,12 @@
  *   - Test mode (`hutch-agent --portal-socket PATH`): connects to a Unix socket and serves the same
  *     protocol on the host, without mounts or reboots. It is a child subreaper, exits on EOF.
  *
+ * Snapshots: the host sends FREEZE before it pauses the VM; the agent answers FROZEN and holds all
+ * later output, so no frame is cut in half by the snapshot. The running box then gets THAW (with
+ * the time, the clock having stood still). A clone resumed from the snapshot gets RESTORE instead:
+ * it drops the held output, detaches the old host's processes, reseeds the RNG, sets the clock and
+ * the hostname, and greets its new host with HELLO carrying RESTORE's nonce.
+ *
  * Layout of this file:
  *   1. constants, globals, logging, small helpers
  *   2. the output queue (frames to the host) and frame/TLV encoding
@@ -32,12 +38,14 @@
  */
 #define AGENT_VERSION "0.1.0"
 #define PROTOCOL_VERSION 1
+#define PROTOCOL_MINOR 1   /* 1.1: FREEZE/FROZEN/THAW/RESTORE (snapshots and clones) */
 
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <linux/random.h>
 #include <net/if.h>
 #include <poll.h>
 #include <signal.h>
@@ -73,15 +81,17 @@
 #define MAX_DATA (64u << 10)
 #define INITIAL_WINDOW (1u << 20)
 
-enum { T_HELLO = 0x01, T_PING = 0x02, T_PONG = 0x03, T_SHUTDOWN = 0x04, T_SPAWN = 0x20,
+enum { T_HELLO = 0x01, T_PING = 0x02, T_PONG = 0x03, T_SHUTDOWN = 0x04, T_FREEZE = 0x05,
+       T_FROZEN = 0x06, T_THAW = 0x07, T_RESTORE = 0x08, T_SPAWN = 0x20,
        T_STDIN = 0x21, T_SIGNAL = 0x22, T_CREDIT = 0x30, T_STARTED = 0x40, T_STDOUT = 0x41,
        T_STDERR = 0x42, T_EXIT = 0x43, T_SPAWN_FAILED = 0x44 };
 
 enum { TAG_VERSION = 1, TAG_AGENT = 2, TAG_KERNEL = 3, TAG_BOOT_START_US = 4,
-       TAG_BOOT_READY_US = 5, TAG_ARG = 16, TAG_ENV = 17, TAG_CWD = 18, TAG_USER = 19,
+       TAG_BOOT_READY_US = 5, TAG_MINOR = 6, TAG_NONCE = 7, TAG_ARG = 16, TAG_ENV = 17, TAG_CWD = 18, TAG_USER = 19,
        TAG_TIMEOUT_MS = 20, TAG_STDIN = 21, TAG_SIGNAL = 32, TAG_GROUP = 33, TAG_FD = 34,
        TAG_BYTES = 35, TAG_PID = 48, TAG_EXIT_CODE = 49, TAG_TIMED_OUT = 50,
-       TAG_DURATION_US = 51, TAG_ERRNO = 52, TAG_KIND = 53, TAG_MESSAGE = 54 };
+       TAG_DURATION_US = 51, TAG_ERRNO = 52, TAG_KIND = 53, TAG_MESSAGE = 54,
+       TAG_ENTROPY = 64, TAG_REALTIME_NS = 65, TAG_HOSTNAME = 66 };
 
 /* Agent limits. */
 #define MAX_PROCS 256
@@ -89,6 +99,9 @@ enum { TAG_VERSION = 1, TAG_AGENT = 2, TAG_KERNEL = 3, TAG_BOOT_START_US = 4,
 #define MAX_ENVS 4096
 #define MAX_GROUPS 256
 #define MAX_PING 64
+#define NONCE_LEN 16
+#define MAX_ENTROPY 512                   /* bytes of host entropy one RESTORE may carry */
+#define FREEZE_MAX_US 30000000u           /* a FREEZE without THAW/RESTORE ends by itself */
 #define INBUF_CAP (2u << 20)              /* > one max frame + a 256 KiB read */
 #define OUTQ_HIGH (1u << 20)              /* stop reading process output above this */
 #define OUTQ_STOP_PORTAL (2u << 20)       /* stop reading host frames above this */
@@ -101,6 +114,13 @@ static struct {
     bool connected;        /* PID 1: the host side of the port is open */
     int portal, sigfd;
     uint64_t boot_start_us;
+    /* Snapshots (PROTOCOL.md, FREEZE): while frozen only the first frozen_allow pending bytes of
+     * the output queue may be written (everything up to and including FROZEN). */
+    bool frozen;
+    size_t frozen_allow;
+    uint64_t frozen_until;             /* CLOCK_MONOTONIC */
+    bool restored;                     /* a RESTORE was applied; nonce is its nonce */
+    uint8_t nonce[NONCE_LEN];
 } g = { .portal = -1, .sigfd = -1 };
 
 static void vlog(const char *fmt, va_list ap)
@@ -295,11 +315,15 @@ static int tlv_next(struct tlv_iter *it, uint16_t *tag, const uint8_t **val, uin
     return 1;
 }
 
-static void send_hello(void)
+/* HELLO; `nonce` (NONCE_LEN bytes) when it answers a RESTORE, else NULL. */
+static void send_hello(const uint8_t *nonce)
 {
     struct utsname u;
     struct tlv t = { .len = 0 };
     tlv_u32(&t, TAG_VERSION, PROTOCOL_VERSION);
+    tlv_u32(&t, TAG_MINOR, PROTOCOL_MINOR);
+    if (nonce)
+        tlv_put(&t, TAG_NONCE, nonce, NONCE_LEN);
     tlv_str(&t, TAG_AGENT, AGENT_VERSION);
     tlv_str(&t, TAG_KERNEL, uname(&u) == 0 ? u.release : "unknown");
     tlv_u64(&t, TAG_BOOT_START_US, g.boot_start_us);
@@ -327,13 +351,24 @@ static void send_spawn_failed(uint32_t stream, int err, const char *kind, const 
 
 static void portal_lost(const char *why);
 
+/* Pending bytes that may be written now: all of them, or while frozen only those queued up to
+ * and including FROZEN (the rest is held for THAW, or dropped by RESTORE). */
+static size_t outq_writable(void)
+{
+    size_t n = outq_pending();
+    return g.frozen && g.frozen_allow < n ? g.frozen_allow : n;
+}
+
 /* Write as much of the queue as the portal takes without blocking. */
 static void flush_outq(void)
 {
-    while (g.connected && outq_pending() > 0) {
-        ssize_t n = write(g.portal, outq.buf + outq.head, outq_pending());
+    size_t want;
+    while (g.connected && (want = outq_writable()) > 0) {
+        ssize_t n = write(g.portal, outq.buf + outq.head, want);
         if (n > 0) {
             outq.head += (size_t)n;
+            if (g.frozen)
+                g.frozen_allow -= (size_t)n;
         } else if (n < 0 && errno == EINTR) {
             continue;
         } else if (n < 0 && errno == EAGAIN) {
@@ -1023,9 +1058,166 @@ fail:
     free(vec);
 }
 
+/* The next host numbers its streams from 1 again (a reconnect, or a clone's first host): detach
+ * every process. They run on, their output is drained and dropped, their exit is not reported. */
+static void detach_all(void)
+{
+    for (int i = 0; i < nslots; i++) {
+        if (procs[i].used) {
+            procs[i].stream = 0;
+            procs[i].out_credit[0] = procs[i].out_credit[1] = UINT64_MAX;
+            stdin_close(&procs[i]);
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------
  * 5. Host frames
  * ------------------------------------------------------------------------------------------- */
+
+/* Identity after a restore (PID 1 only; the test mode never touches the host it runs on). */
+
+/* Mix the host's bytes into the kernel's input pool, credit them, and reseed the CRNG at once:
+ * without RNDRESEEDCRNG the clones would keep their parent's CRNG key until the next periodic
+ * reseed (up to a minute), and read the same /dev/urandom bytes. */
+#ifndef RNDRESEEDCRNG
+#define RNDRESEEDCRNG _IO('R', 0x07)
+#endif
+static void reseed_rng(const uint8_t *d, uint32_t n)
+{
+    struct { int entropy_count, buf_size; uint8_t buf[MAX_ENTROPY]; } info;
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+        logmsg("reseeding the RNG: /dev/urandom: %m");
+        return;
+    }
+    info.entropy_count = (int)n * 8;
+    info.buf_size = (int)n;
+    memcpy(info.buf, d, n);
+    if (ioctl(fd, RNDADDENTROPY, &info) < 0) {
+        logmsg("RNDADDENTROPY: %m; writing the bytes instead");
+        if (write(fd, d, n) < 0)
+            logmsg("writing to /dev/urandom: %m");
+    }
+    if (ioctl(fd, RNDRESEEDCRNG) < 0)
+        logmsg("RNDRESEEDCRNG: %m");
+    close(fd);
+}
+
+static void set_realtime(uint64_t ns)
+{
+    struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000u), .tv_nsec = (long)(ns % 1000000000u) };
+    if (clock_settime(CLOCK_REALTIME, &ts) < 0)
+        logmsg("setting the clock: %m");
+}
+
+/* FREEZE: answer FROZEN, then hold every later frame, so the byte streams in both directions
+ * end on a frame boundary while the host pauses the VM (a snapshot must not catch half a
+ * frame). A repeated FREEZE releases what is held first. */
+static void handle_freeze(void)
+{
+    g.frozen = false;
+    send_frame(T_FROZEN, 0, NULL, 0);
+    g.frozen = true;
+    g.frozen_allow = outq_pending();
+    g.frozen_until = mono_us() + FREEZE_MAX_US;
+    dbg("frozen (%zu bytes to flush)", g.frozen_allow);
+}
+
+/* A u64 TLV; false if absent. A wrong size sets *bad. */
+static bool find_u64(const uint8_t *payload, size_t len, uint16_t want, uint64_t *out, bool *bad)
+{
+    struct tlv_iter it = { payload, len };
+    uint16_t tag;
+    const uint8_t *v;
+    uint32_t n;
+    bool found = false;
+    int rc;
+    while ((rc = tlv_next(&it, &tag, &v, &n)) > 0) {
+        if (tag != want)
+            continue;
+        if (n != 8) {
+            *bad = true;
+            return false;
+        }
+        *out = (uint64_t)get32(v) | (uint64_t)get32(v + 4) << 32;
+        found = true;
+    }
+    if (rc < 0)
+        *bad = true;
+    return found;
+}
+
+/* THAW: the snapshot is taken; release held output and, if given, correct the clock (the guest's
+ * clock stood still while the VM was paused). */
+static void handle_thaw(const uint8_t *d, size_t len)
+{
+    uint64_t ns = 0;
+    bool bad = false;
+    g.frozen = false;
+    if (find_u64(d, len, TAG_REALTIME_NS, &ns, &bad) && !bad && g.pid1)
+        set_realtime(ns);
+    else if (bad)
+        logmsg("malformed REALTIME_NS in THAW ignored");
+    dbg("thawed");
+}
+
+/* RESTORE: this VM is a new box resumed from a snapshot. Drop what was held for the old host,
+ * detach the old host's processes, take the new identity (entropy, clock, hostname) and greet
+ * the new host with a HELLO that carries its nonce. A RESTORE with the nonce already applied
+ * (the host repeats it when it may have been lost) is only answered. */
+static void handle_restore(const uint8_t *d, size_t len)
+{
+    struct tlv_iter it = { d, len };
+    uint16_t tag;
+    const uint8_t *v, *nonce = NULL, *entropy = NULL, *host = NULL;
+    uint32_t n, entropy_len = 0, host_len = 0;
+    uint64_t ns = 0;
+    bool have_ns = false;
+    int rc;
+    while ((rc = tlv_next(&it, &tag, &v, &n)) > 0) {
+        if (tag == TAG_NONCE && n == NONCE_LEN) {
+            nonce = v;
+        } else if (tag == TAG_ENTROPY && n >= 1 && n <= MAX_ENTROPY) {
+            entropy = v;
+            entropy_len = n;
+        } else if (tag == TAG_REALTIME_NS && n == 8) {
+            ns = (uint64_t)get32(v) | (uint64_t)get32(v + 4) << 32;
+            have_ns = true;
+        } else if (tag == TAG_HOSTNAME && n >= 1 && n <= HOST_NAME_MAX && !memchr(v, 0, n)) {
+            host = v;
+            host_len = n;
+        } else if (tag == TAG_NONCE || tag == TAG_ENTROPY || tag == TAG_REALTIME_NS ||
+                   tag == TAG_HOSTNAME) {
+            rc = -1;
+            break;
+        }
+    }
+    if (rc < 0 || !nonce) {
+        logmsg("malformed RESTORE ignored");
+        return;
+    }
+    if (g.restored && memcmp(nonce, g.nonce, NONCE_LEN) == 0) {
+        send_hello(g.nonce);
+        return;
+    }
+    outq.head = outq.len = 0;   /* held frames were for the old host */
+    g.frozen = false;
+    detach_all();
+    if (g.pid1) {
+        if (entropy)
+            reseed_rng(entropy, entropy_len);
+        if (have_ns)
+            set_realtime(ns);
+        if (host && sethostname((const char *)host, host_len) < 0)
+            logmsg("sethostname: %m");
+    }
+    memcpy(g.nonce, nonce, NONCE_LEN);
+    g.restored = true;
+    send_hello(g.nonce);
+    dbg("restored: %u entropy bytes, clock %s, hostname %.*s", entropy_len,
+        have_ns ? "set" : "kept", host ? (int)host_len : 4, host ? (const char *)host : "kept");
+}
 
 static _Noreturn void shutdown_all(int code);
 
@@ -1074,6 +1266,15 @@ static void handle_frame(uint8_t type, uint32_t stream, const uint8_t *d, size_t
     case T_SHUTDOWN:
         dbg("SHUTDOWN from the host");
         shutdown_all(0);
+    case T_FREEZE:
+        handle_freeze();
+        break;
+    case T_THAW:
+        handle_thaw(d, len);
+        break;
+    case T_RESTORE:
+        handle_restore(d, len);
+        break;
     case T_SPAWN:
         handle_spawn(stream, d, len);
         break;
@@ -1140,7 +1341,8 @@ static void parse_frames(void)
 /* Read host frames. `force` reads once even above the queue bound (to notice a hang-up). */
 static void portal_read(bool force)
 {
-    for (int i = 0; i < 8 && g.connected && (force || outq_pending() < OUTQ_STOP_PORTAL); i++) {
+    for (int i = 0; i < 8 && g.connected && (force || g.frozen || outq_pending() < OUTQ_STOP_PORTAL);
+         i++) {
         ssize_t n = read(g.portal, inb.buf + inb.len, INBUF_CAP - inb.len);
         force = false;
         if (n < 0 && errno == EINTR)
@@ -1226,15 +1428,8 @@ static void portal_lost(const char *why)
     set_async(true);
     inb.len = 0;
     outq.head = outq.len = 0;   /* a half-sent frame means nothing to the next host */
-    /* The next host numbers its streams from 1 again: detach ours. Their processes run on,
-     * their output is drained and dropped, their exit is not reported. */
-    for (int i = 0; i < nslots; i++) {
-        if (procs[i].used) {
-            procs[i].stream = 0;
-            procs[i].out_credit[0] = procs[i].out_credit[1] = UINT64_MAX;
-            stdin_close(&procs[i]);
-        }
-    }
+    g.frozen = false;           /* nobody is left to THAW us */
+    detach_all();
 }
 
 /* PID 1: has the host side of the port been opened? The virtio console driver reports POLLHUP
@@ -1248,7 +1443,8 @@ static void check_connected(void)
     g.connected = true;
     inb.len = 0;
     outq.head = outq.len = 0;
-    send_hello();
+    g.frozen = false;
+    send_hello(NULL);
     dbg("host connected, HELLO queued");
 }
 
@@ -1463,15 +1659,28 @@ static struct pslot pmap[2 + 3 * MAX_PROCS];
 static _Noreturn void main_loop(void)
 {
     for (;;) {
-        int timeout = check_deadlines(mono_us());
+        uint64_t now = mono_us();
+        int timeout = check_deadlines(now);
+        if (g.frozen) {
+            if (now >= g.frozen_until) {
+                logmsg("frozen for %u s without THAW or RESTORE; resuming", FREEZE_MAX_US / 1000000u);
+                g.frozen = false;
+            } else {
+                int left = (int)((g.frozen_until - now) / 1000u) + 1;
+                if (timeout < 0 || timeout > left)
+                    timeout = left;
+            }
+        }
         if (g.pid1 && !g.connected) {
             check_connected();
             if (!g.connected && (timeout < 0 || timeout > 1000))
                 timeout = 1000;   /* SIGIO wakes us; this is only a fallback */
         }
         size_t pending = outq_pending(), n = 2;
+        /* While frozen the host sends only THAW/RESTORE: always read it. */
         pfds[0] = (struct pollfd){ g.connected ? g.portal : -1,
-            (short)((pending < OUTQ_STOP_PORTAL ? POLLIN : 0) | (pending ? POLLOUT : 0)), 0 };
+            (short)((pending < OUTQ_STOP_PORTAL || g.frozen ? POLLIN : 0) |
+                    (outq_writable() ? POLLOUT : 0)), 0 };
         pfds[1] = (struct pollfd){ g.sigfd, POLLIN, 0 };
         for (int i = 0; i < nslots; i++) {
             struct proc *p = &procs[i];
@@ -1579,7 +1788,7 @@ int main(int argc, char **argv)
             dbg("waiting for the host to open the portal");
     } else {
         g.connected = true;
-        send_hello();
+        send_hello(NULL);
     }
     flush_outq();
     main_loop();
