@@ -10,6 +10,7 @@ Layout::
       build/                     scratch trees for slow builds (kernel source); safe to delete
       boxes/<box-id>/            per-box files that outlive the VM: disk overlay, console log
       cache/                     small cached verdicts (accelerator probe)
+      snapshots/<snapshot-id>/   frozen RAM, device state and disk of a snapshot
       hutch.sock                 ``hutch serve``'s default Unix socket (0600)
       server.token               the bearer token ``hutch serve`` requires on TCP (0600)
 
@@ -67,6 +68,11 @@ class HutchPaths:
     @property
     def run(self) -> Path:
         return run_root()
+
+    @property
+    def snapshots(self) -> Path:
+        """Snapshot folders (``snapshots/<id>/``: RAM, device state, frozen disk, image.id)."""
+        return self.home / "snapshots"
 
     @property
     def server_socket(self) -> Path:

@@ -77,6 +77,8 @@ _WRAPPED: tuple[type, ...] = (
 def _wrap(value: Any) -> Any:
     if isinstance(value, _WRAPPED):
         return Synced(value)
+    if isinstance(value, list) and any(isinstance(v, _WRAPPED) for v in value):
+        return [_wrap(v) for v in value]  # e.g. Box.fork(n)
     return value
 
 

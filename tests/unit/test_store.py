@@ -99,6 +99,20 @@ def test_images_in_use_are_not_deleted(store: ImageStore, tmp_path: Path) -> Non
     assert store.remove("busy:1", force=True)[-1] == f"deleted: {rec.id}"
 
 
+def test_images_snapshots_build_on_are_not_deleted(store: ImageStore, tmp_path: Path) -> None:
+    rec = add(store, tmp_path, make_record(9, "docker.io/library/snapped:1"))
+    snap = store.paths.snapshots / "0456def"
+    snap.mkdir(parents=True)
+    (snap / BOX_IMAGE_FILE).write_text(rec.id)
+    partial = store.paths.snapshots / ".partial-0789-1"  # being written: not a user yet
+    partial.mkdir()
+    (partial / BOX_IMAGE_FILE).write_text(rec.id)
+    assert store.users(rec.id) == ["snapshot 0456def"]
+    with pytest.raises(ConflictError, match="snapshot 0456def"):
+        store.remove("snapped:1")
+    assert store.lookup("snapped:1") == rec  # nothing was changed
+
+
 def test_ambiguous_id_prefix(store: ImageStore, tmp_path: Path) -> None:
     a = replace(make_record(6, "docker.io/library/a:1"), id="sha256:abcdef012345" + "0" * 52)
     b = replace(make_record(7, "docker.io/library/b:1"), id="sha256:abcdef012345" + "1" * 52)

@@ -15,7 +15,16 @@ pytestmark = pytest.mark.vm
 
 
 def test_every_public_async_method_has_a_blocking_twin() -> None:
-    for cls in (hutch.Box, hutch.Runtime, hutch.Execution):
+    from hutch.client import RemoteBox, RemoteExecution, RemoteRuntime
+
+    for cls in (
+        hutch.Box,
+        hutch.Runtime,
+        hutch.Execution,
+        RemoteRuntime,
+        RemoteBox,
+        RemoteExecution,
+    ):
         names = [
             n
             for n, f in inspect.getmembers(cls, inspect.iscoroutinefunction)
@@ -39,3 +48,20 @@ async def test_sync_runtime_inside_a_running_loop(tmp_path: Path) -> None:
         assert rt.metrics().commands == 1
         rt.remove("sync-box", force=True)
         assert rt.list() == []
+
+
+def test_sync_fork_returns_blocking_boxes(tmp_path: Path) -> None:
+    with hutch.sync.Runtime(make_home(tmp_path / "home")) as rt:
+        box = rt.create(image="busybox")
+        box.start()
+        box.exec("sh", "-c", "echo shared > /root/f")
+        clones = box.fork(2)
+        try:
+            assert len(clones) == 2
+            for c in clones:
+                assert isinstance(c, hutch.sync.Synced)
+                assert c.exec("cat", "/root/f").stdout == "shared\n"
+        finally:
+            for c in clones:
+                rt.remove(c.id, force=True)
+            rt.remove(box.id, force=True)

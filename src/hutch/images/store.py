@@ -240,13 +240,18 @@ class ImageStore:
         return rec
 
     def users(self, image_id: str) -> builtins.list[str]:
-        """Ids of the boxes (folders under HOME/boxes) that use the image."""
+        """What uses the image: the ids of boxes (folders under HOME/boxes) and, as
+        ``snapshot <id>``, of snapshots (HOME/snapshots), whose disks build on its base."""
         out = []
-        if self.paths.boxes.is_dir():
-            for d in self.paths.boxes.iterdir():
+        for root, label in ((self.paths.boxes, ""), (self.paths.snapshots, "snapshot ")):
+            if not root.is_dir():
+                continue
+            for d in root.iterdir():
+                if d.name.startswith("."):  # a snapshot still being written
+                    continue
                 with contextlib.suppress(OSError):
                     if (d / BOX_IMAGE_FILE).read_text().strip() == image_id:
-                        out.append(d.name)
+                        out.append(label + d.name)
         return out
 
     # --- writing --------------------------------------------------------------------------
@@ -333,7 +338,7 @@ class ImageStore:
                 if users and not force:
                     raise ConflictError(
                         f"image {name!r} is used by box(es) {', '.join(sorted(users))}",
-                        hint="Remove those boxes first, or pass force=True / --force.",
+                        hint="Remove those boxes (and snapshots) first, or pass force=True / --force.",
                     )
             for r in drop:
                 refs.pop(r, None)

@@ -160,7 +160,7 @@ def clone_options(
 
 
 def snapshots_root(paths: HutchPaths) -> Path:
-    return paths.home / SNAPSHOTS_DIR
+    return paths.snapshots
 
 
 def partial_folder(paths: HutchPaths, snapshot_id: str) -> Path:
