@@ -59,6 +59,7 @@ bench: setup bench-deps
 	$(PY) bench/boot.py
 	$(PY) bench/exec.py
 	$(PY) bench/images.py
+	$(PY) bench/server.py
 
 clean-venv:
 	rm -rf $(VENV)

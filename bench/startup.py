@@ -1,17 +1,24 @@
-"""Startup benchmark: cold boot vs restore from a snapshot, and many concurrent clones.
+"""Startup benchmark: cold boot vs restore from a snapshot vs a warm pool, and many concurrent
+clones.
 
-* **cold**: ``Runtime.create`` → ``start()`` (boot) → first ``exec("true")`` result.
+* **cold**: ``Runtime.create(pool=False)`` → ``start()`` (boot) → first ``exec("true")`` result.
 * **restore**: ``Runtime.create(snapshot=…)`` → ``start()`` (restore) → first ``exec("true")``
   result, from a snapshot of an idle busybox box. Also reported: create → the agent's HELLO
   (``restore_hello``) and the first exec alone (under TCG most of it is translating the guest's
   fork/exec code for the first time in that QEMU process — a cold box pays it too).
+* **pooled**: ``Runtime.create`` handing out a box of the runtime's warm pool (restored and
+  warmed up ahead of time: ``configure_pool``) → first ``exec("true")`` result. Also reported:
+  ``create`` alone (the hand-out: store row, new identity), how long the pool took to fill the
+  first time (seed boot + snapshot + restore) and to refill after a hand-out.
 * **clones**: K boxes restored from the snapshot at once: the time until every one is restored
   (its agent said HELLO) and until every one has answered an ``exec``; then, idle, the host memory each costs: the PSS of its QEMU process
   (``/proc/PID/smaps_rollup``: shared pages, such as the snapshot's RAM in the page cache, are
   split between the processes sharing them) and the drop in the host's ``MemAvailable``.
 * **snapshot**: how long ``box.snapshot()`` takes (the source VM is paused for part of it).
 
-Cold and restore samples alternate, so host noise hits both alike.
+Cold, restore and pooled samples alternate, so host noise hits all three alike. The pool holds
+one box; after each pooled sample the bench waits until it is refilled, so that no refill runs
+during another sample (the idle pooled box is there throughout).
 
     python bench/startup.py [--samples 30] [--clones 30] [--quick] [--json]
 
@@ -62,7 +69,7 @@ def pss_kib(pid: int) -> int:
 
 async def cold_sample(rt: hutch.Runtime, memory: int) -> float:
     t0 = time.perf_counter()
-    box = await rt.create(image="busybox", memory_mib=memory, auto_remove=True)
+    box = await rt.create(image="busybox", memory_mib=memory, auto_remove=True, pool=False)
     try:
         await box.start()
         (await box.exec("true")).assert_success()
@@ -82,6 +89,22 @@ async def restore_sample(rt: hutch.Runtime, snap: hutch.Snapshot) -> tuple[float
         return (t2 - t0) * 1000, (t1 - t0) * 1000, (t2 - t1) * 1000
     finally:
         await box.remove()
+
+
+async def pooled_sample(rt: hutch.Runtime, memory: int) -> tuple[float, float, float]:
+    """(create → first exec, create alone, hand-out → pool full again) in ms."""
+    t0 = time.perf_counter()
+    box = await rt.create(image="busybox", memory_mib=memory, auto_remove=True)
+    t1 = time.perf_counter()
+    try:
+        assert box.state == "running", "the pool had no ready box"
+        (await box.exec("true")).assert_success()
+        t2 = time.perf_counter()
+    finally:
+        await box.remove()
+    await rt.wait_pool(120)
+    t3 = time.perf_counter()
+    return (t2 - t0) * 1000, (t1 - t0) * 1000, (t3 - t1) * 1000
 
 
 async def clones(rt: hutch.Runtime, snap: hutch.Snapshot, k: int) -> dict[str, Any]:
@@ -144,15 +167,27 @@ async def main() -> None:
         snap = await source.snapshot()
         await source.stop()  # the source's QEMU must not compete with the samples
         try:
+            t0 = time.perf_counter()
+            await rt.configure_pool("busybox", memory_mib=args.memory, size=1)
+            await rt.wait_pool(300)
+            fill_ms = (time.perf_counter() - t0) * 1000
             await restore_sample(rt, snap)  # warm the page cache
             await cold_sample(rt, args.memory)
+            await pooled_sample(rt, args.memory)
             cold, restore, hello, first = [], [], [], []
+            pooled, handout, refill = [], [], []
             for _ in range(samples):
                 cold.append(await cold_sample(rt, args.memory))
                 total, h, f = await restore_sample(rt, snap)
                 restore.append(total)
                 hello.append(h)
                 first.append(f)
+                total, c, r = await pooled_sample(rt, args.memory)
+                pooled.append(total)
+                handout.append(c)
+                refill.append(r)
+            pool = (await rt.pool_status())[0]
+            await rt.configure_pool("busybox", memory_mib=args.memory, size=0)
             many = await clones(rt, snap, k)
         finally:
             await rt.remove_snapshot(snap.id)
@@ -167,6 +202,14 @@ async def main() -> None:
         "restore_create_to_hello_ms": summary(hello),
         "restore_first_exec_ms": summary(first),
         "restore_vs_cold_p50_ratio": round(pct(restore, 50) / pct(cold, 50), 3),
+        "pooled_create_to_first_exec_ms": summary(pooled),
+        "pooled_create_ms": summary(handout),
+        "pooled_vs_cold_p50_ratio": round(pct(pooled, 50) / pct(cold, 50), 3),
+        "pooled_vs_restore_p50_ratio": round(pct(pooled, 50) / pct(restore, 50), 3),
+        "pool_first_fill_ms": round(fill_ms, 1),
+        "pool_refill_ms": summary(refill),
+        "pool_misses": pool.misses,
+        "pool_failures": pool.failures,
         "snapshot_ms": summary(snap_ms),
         "snapshot_ram_mib": round(snap.ram_bytes / 2**20, 1),
         "snapshot_state_kib": round(snap.state_bytes / 1024, 1),
@@ -179,10 +222,18 @@ async def main() -> None:
             "restore_create_to_first_exec_ms",
             "restore_create_to_hello_ms",
             "restore_first_exec_ms",
+            "pooled_create_to_first_exec_ms",
+            "pooled_create_ms",
+            "pool_refill_ms",
             "snapshot_ms",
         ):
             s = result[key]
             print(f"{key:34} p50 {s['p50']:7.1f}  p99 {s['p99']:7.1f}  min {s['min']:7.1f}")
+        print(
+            f"p50 ratios: restore/cold {result['restore_vs_cold_p50_ratio']}, pooled/cold "
+            f"{result['pooled_vs_cold_p50_ratio']}, pooled/restore "
+            f"{result['pooled_vs_restore_p50_ratio']}; the pool filled in {fill_ms:.0f} ms"
+        )
         print(
             f"{k} concurrent clones: all restored after {many['all_restored_ms']:.0f} ms, all "
             f"answering an exec after {many['all_answering_ms']:.0f} ms; "

@@ -14,6 +14,9 @@ import pytest_asyncio
 # the real docker-registry fixtures (tests/support/fixtures.py), for every test folder
 from tests.support.fixtures import fresh_registry, registry, tls_registry  # noqa: F401
 
+# the real `hutch serve` processes (tests/support/server.py), for tests/server and tests/parity
+from tests.support.server import tcp_server, unix_server  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 
 

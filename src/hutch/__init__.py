@@ -31,6 +31,7 @@ from hutch.errors import (
 )
 from hutch.execution import ExecResult, Execution
 from hutch.runtime.options import BoxOptions, Port, Volume
+from hutch.runtime.pool import PoolSpec, PoolStatus
 from hutch.runtime.runtime import Runtime
 from hutch.runtime.snapshots import Snapshot
 from hutch.runtime.store import BoxRecord
@@ -58,6 +59,8 @@ __all__ = [
     "NotFoundError",
     "OutputLimitError",
     "ParseError",
+    "PoolSpec",
+    "PoolStatus",
     "Port",
     "PortalError",
     "Runtime",

@@ -51,7 +51,7 @@ from hutch.runtime.metrics import (
     parse_meminfo,
     qemu_rss_bytes,
 )
-from hutch.runtime.options import BoxOptions, check_name
+from hutch.runtime.options import BoxOptions, NetworkMode, Port, Volume, check_name
 from hutch.runtime.snapshots import (
     RAM_FILE,
     STATE_FILE,
@@ -67,6 +67,7 @@ from hutch.runtime.snapshots import (
 )
 from hutch.runtime.store import BoxRecord, BoxStore, ProcessIdentity, pid_exists
 from hutch.setup import Manifest, load_manifest
+from hutch.vm import attach
 from hutch.vm.accel import resolve_accel
 from hutch.vm.cmdline import VmSpec
 from hutch.vm.disk import (
@@ -201,6 +202,9 @@ class Box:
         home: Path | str | None = None,
         kernel_args: Sequence[str] = (),
         disk_size_mib: int | None = None,
+        ports: Sequence[Port] = (),
+        volumes: Sequence[Volume] = (),
+        network: NetworkMode = "none",
         id: str | None = None,
         _options: BoxOptions | None = None,
     ) -> None:
@@ -213,6 +217,9 @@ class Box:
             accel=accel,
             boot_timeout=boot_timeout,
             disk_size_mib=disk_size_mib,
+            ports=ports,
+            volumes=volumes,
+            network=network,
         )
         self.id = id or new_box_id()
         self.name = name or f"hutch-{self.id[-6:]}"
@@ -254,6 +261,8 @@ class Box:
         self._snapshot_lock = asyncio.Lock()
         #: Set by a Runtime for the boxes it tracks: clones made by clone()/fork() join it.
         self._adopt: Callable[[Box], None] | None = None
+        #: The ports published while running, host port 0 resolved (see :attr:`ports`).
+        self._published: tuple[Port, ...] | None = None
 
     @classmethod
     def _from_options(
@@ -333,15 +342,11 @@ class Box:
             event=("start", f"by pid {os.getpid()}{how}"),
         )
 
-    def _check_implemented(self) -> None:
-        """Options that are validated and stored but not applied yet must not be ignored."""
-        for field_name in ("ports", "volumes"):
-            if getattr(self.options, field_name):
-                raise ConfigError(
-                    f"box {self.id}: {field_name} are not supported by this hutch version yet",
-                    hint=f"Create the box without {field_name} (published ports and volumes "
-                    "are planned); copy data in with exec(stdin=...) meanwhile.",
-                )
+    def _check_host(self) -> None:
+        """Before claiming the start: the host facts the options rely on (volume paths still
+        there, fixed host ports free), so a refused start leaves the box as it was."""
+        self.options.validate()
+        attach.check_ports(self.options)
 
     def _check_owner(self) -> None:
         if self._foreign_owner is not None:
@@ -368,6 +373,12 @@ class Box:
     def qemu_pid(self) -> int | None:
         return self._qemu.pid if self._qemu and self._qemu.running else None
 
+    @property
+    def ports(self) -> tuple[Port, ...]:
+        """The published ports: while running, as bound (a host port 0 replaced by the port
+        picked); otherwise as asked for."""
+        return self._published if self._published is not None else tuple(self.options.ports)
+
     def __repr__(self) -> str:
         return f"<Box {self.id} {self.image} {self.state}>"
 
@@ -382,7 +393,7 @@ class Box:
                 hint="Wait for the current start/stop to finish.",
             )
         self._check_owner()
-        self._check_implemented()
+        self._check_host()
         if self.state == "failed":
             await self._teardown()  # what is left of the failed VM: watcher, QEMU, sockets
         # A box made from a snapshot is restored until it has a disk of its own.
@@ -434,6 +445,7 @@ class Box:
                 accel=self.accel,
                 started_at=time.time(),
                 boot_ms=self.boot_ms,
+                event=("ports", attach.describe(self._published)) if self._published else None,
             ),
             strict=False,
         )
@@ -454,6 +466,8 @@ class Box:
         if not disk.exists():
             await create_overlay(base, disk)
         extra_args = await self._size_disk(base, disk)
+        io = attach.prepare(self.options, self.id, self.run_dir)  # volumes, NIC, ports
+        extra_args += io.kernel_args
         spec = VmSpec(
             kernel=manifest.kernel_path,
             initramfs=manifest.initramfs_path,
@@ -466,10 +480,14 @@ class Box:
             accel=verdict.accel,
             cpus=self.cpus,
             memory_mib=self.memory_mib,
+            devices=io.devices,
+            launcher=io.launcher,
         )
         qemu = self._qemu = await QemuProcess.start(spec, self.box_dir / "qemu.log")
         channel = self._channel = await self._connect(qemu, spec.portal_socket, deadline)
         self.hello = await self._wait_hello(qemu, channel, deadline)
+        self._published = await attach.finish(qemu, self.hello, io, deadline)
+        attach.write_ports(self.box_dir, self._published)
         self.boot_ms = (time.monotonic() - t0) * 1000.0
         self._watcher = asyncio.get_running_loop().create_task(self._watch(qemu, channel))
 
@@ -511,6 +529,7 @@ class Box:
         kernel, initramfs = Path(snap.kernel), Path(snap.initramfs)
         if not (kernel.is_file() and initramfs.is_file()):  # rebuilt since: the state has
             kernel, initramfs = manifest.kernel_path, manifest.initramfs_path  # the RAM anyway
+        io = attach.net_devices(self.options, self.id)  # the snapshot's NIC (no volumes)
         spec = VmSpec(
             kernel=kernel,
             initramfs=initramfs,
@@ -525,6 +544,7 @@ class Box:
             memory_mib=snap.memory_mib,
             ram_shared=False,
             incoming=True,
+            devices=io.devices,
         )
         try:
             state_fd = os.open(folder / STATE_FILE, os.O_RDONLY | os.O_CLOEXEC)
@@ -559,6 +579,8 @@ class Box:
                 with contextlib.suppress(BaseException):
                     await connect
         self.hello = await self._wait_hello(qemu, channel, deadline)
+        self._published = await attach.finish(qemu, self.hello, io, deadline)
+        attach.write_ports(self.box_dir, self._published)
         self.boot_ms = (time.monotonic() - t0) * 1000.0
         self.restore_ms = self.boot_ms - (self.image_ms or 0.0)
         self._watcher = asyncio.get_running_loop().create_task(self._watch(qemu, channel))
@@ -575,6 +597,8 @@ class Box:
         return ["hutch.grow=1"] if want_mib * MIB > base_bytes else []
 
     def _not_ready(self, qemu: QemuProcess, what: str) -> HutchError:
+        if not qemu.running and (why := attach.failure(qemu, self.options)) is not None:
+            return why  # a published host port taken since _check_host
         if not qemu.running:
             return EngineError(
                 f"box {self.id}: QEMU exited with status {qemu.returncode} {what}\n"
@@ -617,6 +641,7 @@ class Box:
             except PortalError as e:
                 if "protocol" in e.message:
                     raise
+            await qemu.wait(1.0)  # a dying QEMU closes the portal first: attribute it correctly
         raise self._not_ready(qemu, "before the agent said hello")
 
     async def _watch(self, qemu: QemuProcess, channel: PortalChannel) -> None:
@@ -697,6 +722,8 @@ class Box:
             await self._channel.close(f"box {self.id} is stopped")
             self._channel = None
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        self._published = None
+        attach.clear_ports(self.box_dir)
 
     async def remove(self) -> None:
         """Stop the box if needed and delete its disk and logs (and the snapshot it was cloned
@@ -933,6 +960,12 @@ class Box:
         channel = self._require_channel()
         qemu, hello, record = self._qemu, self.hello, self.image_record
         assert qemu is not None and record is not None
+        if self.options.volumes:
+            raise ConfigError(
+                f"box {self.id} has volumes: it cannot be snapshotted (QEMU cannot save a "
+                "mounted virtio-9p share)",
+                hint="Snapshot a box without volumes, and copy data in with exec(stdin=…).",
+            )
         if hello is None or hello.minor < 1:
             raise InvalidStateError(
                 f"box {self.id}: its guest agent predates snapshots",
@@ -1030,6 +1063,22 @@ class Box:
         finally:
             channel.thaw(time.time_ns())  # the guest's clock stood still while it was paused
         return ram_bytes, state_bytes
+
+    async def _renew_identity(self) -> None:
+        """Give this running box a new identity — fresh RNG seed, the host's clock, hostname =
+        its name — by ``RESTORE`` on its connection (a warm-pool box being handed out: nothing
+        of the previous identity's host runs in it)."""
+        channel = self._require_channel()
+        try:
+            self.hello = await asyncio.wait_for(
+                channel.reidentify(Identity(hostname=self.name)), CONTROL_TIMEOUT
+            )
+        except builtins.TimeoutError:
+            raise TimeoutError(
+                f"box {self.id}: the guest agent did not take its new identity within "
+                f"{CONTROL_TIMEOUT:g} s",
+                hint="The guest may be overloaded or hung; see the console log.",
+            ) from None
 
     async def ping(self, timeout: float = CONTROL_TIMEOUT) -> float:
         """Round trip to the guest agent, in seconds; TimeoutError if it does not answer."""

@@ -9,6 +9,14 @@
     [registries."localhost:5000"]   # read by hutch.images.credentials
     insecure = true
 
+    [pool]                      # warm pools of a Runtime(pool=True) (hutch.runtime.pool)
+    max_restores = 1            # pool restores in flight at a time, all pools together (1-4)
+    [[pool.boxes]]              # one table per pool
+    image = "busybox"
+    cpus = 1                    # default 1
+    memory_mib = 256            # default 256
+    size = 2                    # ready boxes kept (default 1)
+
 Sizes are integers (bytes) or strings with a K/M/G/T suffix (powers of 1024).
 """
 
@@ -88,8 +96,61 @@ class ImagesConfig:
         return cls(cache_max_bytes=cache, base_size=base)
 
 
+#: Most pool restores in flight at a time (each is a QEMU starting up: CPU-bound under TCG).
+MAX_POOL_RESTORES = 4
+POOL_KEYS = frozenset({"max_restores", "boxes"})
+POOL_BOX_KEYS = frozenset({"image", "cpus", "memory_mib", "size", "accel"})
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The ``[pool]`` table: warm pools a ``Runtime(pool=True)`` keeps. The entries of
+    ``boxes`` are checked for their keys here and for their values by
+    :class:`hutch.runtime.pool.PoolSpec`."""
+
+    max_restores: int = 1
+    boxes: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def load(cls, paths: HutchPaths) -> PoolConfig:
+        table = load_config(paths).get("pool", {})
+        where = str(paths.home / CONFIG_NAME)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [pool] must be a table")
+        unknown = set(table) - POOL_KEYS
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) in [pool]: {', '.join(sorted(unknown))}",
+                hint=f"Known keys: {', '.join(sorted(POOL_KEYS))}.",
+            )
+        most = table.get("max_restores", 1)
+        if (
+            isinstance(most, bool)
+            or not isinstance(most, int)
+            or not 1 <= most <= MAX_POOL_RESTORES
+        ):
+            raise ConfigError(
+                f"{where}: [pool] max_restores must be 1 to {MAX_POOL_RESTORES}, not {most!r}"
+            )
+        boxes = table.get("boxes", [])
+        if not isinstance(boxes, list) or not all(isinstance(b, dict) for b in boxes):
+            raise ConfigError(
+                f"{where}: [pool] boxes must be an array of tables ([[pool.boxes]])",
+                hint='e.g. [[pool.boxes]] image = "busybox" size = 2',
+            )
+        for i, entry in enumerate(boxes):
+            unknown = set(entry) - POOL_BOX_KEYS
+            if unknown:
+                raise ConfigError(
+                    f"{where}: unknown key(s) in [[pool.boxes]] #{i + 1}: "
+                    f"{', '.join(sorted(unknown))}",
+                    hint=f"Known keys: {', '.join(sorted(POOL_BOX_KEYS))}.",
+                )
+        return cls(max_restores=most, boxes=tuple(dict(b) for b in boxes))
+
+
 def config_path(paths: HutchPaths) -> Path:
     return paths.home / CONFIG_NAME
 
 
-__all__ = ["ImagesConfig", "config_path", "load_config", "parse_size"]
+__all__ = ["ImagesConfig", "PoolConfig", "config_path", "load_config", "parse_size"]

@@ -205,6 +205,11 @@ def test_openapi_lists_the_endpoints(unix_server: ServerProcess) -> None:
         "/v1/images": {"get"},
         "/v1/images/{ref}": {"delete"},
         "/v1/images/pull": {"post"},
+        "/v1/boxes/{id_or_name}/snapshot": {"post"},
+        "/v1/boxes/{id_or_name}/clone": {"post"},
+        "/v1/boxes/{id_or_name}/fork": {"post"},
+        "/v1/snapshots": {"get"},
+        "/v1/snapshots/{id_or_name}": {"get", "delete"},
     }
     for path, methods in expected.items():
         assert path in paths, path
@@ -212,15 +217,99 @@ def test_openapi_lists_the_endpoints(unix_server: ServerProcess) -> None:
     schemas = spec["components"]["schemas"]
     for name in ("BoxCreate", "BoxInfo", "ErrorBody", "ExecRequest", "ExecResultModel"):
         assert name in schemas
+    for name in ("SnapshotInfo", "SnapshotRequest", "CloneRequest", "ForkRequest"):
+        assert name in schemas
+    assert "snapshot" in schemas["BoxCreate"]["properties"]
     create = paths["/v1/boxes"]["post"]
     assert {"400", "404", "409", "500"} <= set(create["responses"])
 
 
+async def test_snapshot_errors_over_http(unix_server: ServerProcess) -> None:
+    """The snapshot endpoints' error answers (no guest needed: the box is never started)."""
+    with unix_server.http() as c:
+        assert isinstance(c.get("/v1/snapshots").json(), list)
+        for r in (
+            c.get("/v1/snapshots/no-such-snap"),
+            c.delete("/v1/snapshots/no-such-snap"),
+            c.post("/v1/boxes", json={"snapshot": "no-such-snap", "name": "never"}),
+        ):
+            assert "no-such-snap" in assert_error(r, 404, "NotFoundError")["message"]
+        assert_error(c.post("/v1/boxes/no-such-box/snapshot"), 404, "NotFoundError")
+        assert_error(c.post("/v1/boxes/no-such-box/clone", json={}), 404, "NotFoundError")
+        assert_error(c.post("/v1/boxes/no-such-box/fork", json={"n": 1}), 404, "NotFoundError")
+        assert_error(c.post("/v1/boxes/x/fork", json={"n": 0}), 400, "BadRequestError")
+        assert_error(c.post("/v1/boxes/x/fork", json={}), 400, "BadRequestError")
+        assert_error(c.post("/v1/boxes/x/snapshot", json={"nam": "a"}), 400, "BadRequestError")
+        assert c.post("/v1/boxes", json={"name": "snap-idle"}).status_code == 201
+        try:
+            err = assert_error(c.post("/v1/boxes/snap-idle/snapshot"), 409, "InvalidStateError")
+            assert "not running" in err["message"]
+            r = c.post("/v1/boxes/snap-idle/snapshot", json={"name": "Bad Name"})
+            assert "snapshot name" in assert_error(r, 400, "ConfigError")["message"]
+            assert_error(c.post("/v1/boxes/snap-idle/clone"), 409, "InvalidStateError")
+        finally:
+            assert c.delete("/v1/boxes/snap-idle").status_code == 204
+    async with connect(unix_server.url) as rt:
+        with pytest.raises(hutch.NotFoundError, match="no-such-snap"):
+            await rt.create(snapshot="no-such-snap")
+        with pytest.raises(hutch.NotFoundError, match="no-such-snap"):
+            await rt.remove_snapshot("no-such-snap")
+
+
+@pytest.mark.vm
+def test_snapshot_restore_and_remove_over_http(
+    unix_server: ServerProcess, remote_box: RemoteBox
+) -> None:
+    """The wire format of snapshots, as docs/API.md gives it (the client's side is tests/parity)."""
+    with unix_server.http() as c:
+        box = f"/v1/boxes/{remote_box.id}"
+        assert c.post(f"{box}/exec", json={"cmd": ["sh", "-c", "echo x > /root/x"]}).is_success
+        r = c.post(f"{box}/snapshot", json={"name": "http-snap"}, timeout=120)
+        assert r.status_code == 201, r.text
+        snap = r.json()
+        assert (snap["name"], snap["source_box"], snap["image"]) == (
+            "http-snap",
+            remote_box.id,
+            "busybox",
+        )
+        assert snap["users"] == [] and snap["auto_remove"] is False
+        assert snap["size_bytes"] == snap["ram_bytes"] + snap["disk_bytes"] + snap["state_bytes"]
+        assert (snap["cpus"], snap["memory_mib"]) == (1, remote_box.options.memory_mib)
+        assert snap["id"] in [s["id"] for s in c.get("/v1/snapshots").json()]
+        try:
+            body = {"snapshot": "http-snap", "name": "http-restored", "start": True}
+            r = c.post("/v1/boxes", json=body, timeout=120)
+            assert r.status_code == 201, r.text
+            restored = r.json()
+            assert restored["state"] == "running" and restored["snapshot_id"] == snap["id"]
+            r = c.post("/v1/boxes/http-restored/exec", json={"cmd": ["cat", "/root/x"]})
+            assert r.json()["stdout_b64"] == "eAo="  # x\n
+            assert c.get("/v1/snapshots/http-snap").json()["users"] == [restored["id"]]
+            err = assert_error(c.delete("/v1/snapshots/http-snap"), 409, "ConflictError")
+            assert restored["id"] in err["message"]
+            r = c.post("/v1/boxes", json={"snapshot": "http-snap", "cpus": 2})
+            assert "cpus" in assert_error(r, 400, "ConfigError")["message"]
+            r = c.post(
+                "/v1/boxes", json={"snapshot": "http-snap", "ports": [{"host": 0, "guest": 1}]}
+            )
+            assert "ports" in assert_error(r, 400, "ConfigError")["message"]
+            r = c.post(f"{box}/clone", timeout=120)  # no body: an unnamed clone
+            assert r.status_code == 201, r.text
+            clone = r.json()
+            assert clone["state"] == "running" and clone["name"] not in (None, remote_box.name)
+            assert c.delete(f"/v1/boxes/{clone['id']}?force=true").status_code == 204
+        finally:
+            c.delete("/v1/boxes/http-restored?force=true", timeout=120)
+        assert c.delete("/v1/snapshots/http-snap").status_code == 204
+        assert_error(c.get(f"/v1/snapshots/{snap['id']}"), 404, "NotFoundError")
+
+
 # --- boxes through the client ----------------------------------------------------------------
 @pytest.mark.vm
-@pytest.mark.parametrize("kind", ["unix", "tcp"])
-async def test_box_lifecycle(kind: str, request: pytest.FixtureRequest) -> None:
-    server: ServerProcess = request.getfixturevalue(f"{kind}_server")
+async def test_box_lifecycle_over_tcp(tcp_server: ServerProcess) -> None:
+    """The same runtime API on the Unix socket is tests/parity's (against the embedded runtime
+    too); this is the TCP path, with the token on every request."""
+    server, kind = tcp_server, "tcp"
     name = f"life-{kind}"
     async with connect(server.url, token=server.token) as rt:
         box = await rt.create(image="busybox", name=name, env={"WHO": kind}, memory_mib=192)
@@ -264,15 +353,6 @@ async def test_box_lifecycle(kind: str, request: pytest.FixtureRequest) -> None:
             await rt.get(name)
         metrics = await rt.metrics()
         assert metrics.boxes_created >= 1 and metrics.commands >= 5 and metrics.errors >= 2
-
-
-@pytest.mark.vm
-async def test_run_is_ephemeral(unix_server: ServerProcess) -> None:
-    async with connect(unix_server.url) as rt:
-        before = {r.id for r in await rt.list()}
-        r = await rt.run("busybox", "sh", "-c", "echo ran")
-        assert r.stdout == "ran\n"
-        assert {r.id for r in await rt.list()} == before
 
 
 @pytest.mark.vm

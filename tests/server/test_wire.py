@@ -22,6 +22,8 @@ from hutch.server.wire import (
     record_to_json,
     result_from_json,
     result_to_json,
+    snapshot_from_json,
+    snapshot_to_json,
 )
 
 pytestmark = pytest.mark.server
@@ -107,3 +109,58 @@ async def test_unexpected_exceptions_are_logged_500s(caplog: pytest.LogCaptureFi
         assert "boom" in caplog.text
         r = await c.put("/v1/boxes")  # wrong method: the same error shape
         assert r.status_code == 405 and r.json()["error"]["type"] == "BadRequestError"
+
+
+def test_the_request_model_has_every_box_option() -> None:
+    """BoxCreate names exactly hutch.BoxOptions' fields: an option added there and not here would
+    make hutch.connect()'s create() a 400 (the client sends every option)."""
+    import dataclasses
+
+    from hutch.server.models import BoxCreate, BoxOptionsModel
+
+    options = {f.name for f in dataclasses.fields(hutch.BoxOptions)}
+    assert set(BoxOptionsModel.model_fields) == options
+    assert set(BoxCreate.model_fields) == options | {"start", "snapshot"}
+
+
+def test_box_answers_pass_newer_fields_through() -> None:
+    """A record or option field the response models do not name yet is passed on, not a 500."""
+    from hutch.server.models import BoxInfo
+
+    doc = record_to_json(hutch.BoxRecord.new(hutch.BoxOptions(name="x")))
+    doc["brand_new"] = 1
+    doc["options"]["also_new"] = "v"
+    dumped = BoxInfo.model_validate(doc).model_dump()
+    assert dumped["brand_new"] == 1 and dumped["options"]["also_new"] == "v"
+
+
+def test_snapshot_round_trips_and_matches_its_model() -> None:
+    """A hutch.Snapshot survives the wire, and the response model names every field of it."""
+    import dataclasses
+
+    from hutch.server.models import SnapshotInfo
+
+    snap = hutch.Snapshot(
+        id="0123456789abcdef0",
+        name="warm",
+        source_box="fedcba9876543210f",
+        image="busybox",
+        image_id="sha256:" + "a" * 64,
+        options=hutch.BoxOptions(env={"A": "1"}, memory_mib=512),
+        accel="tcg",
+        kernel="/k",
+        initramfs="/i",
+        cmdline="console=hvc0",
+        ram_bytes=10,
+        disk_bytes=20,
+        state_bytes=3,
+    )
+    d = snapshot_to_json(snap, ["box1"])
+    assert (d["users"], d["size_bytes"], d["cpus"], d["memory_mib"]) == (["box1"], 33, 1, 512)
+    assert snapshot_from_json(d) == snap
+    assert "users" not in snapshot_to_json(snap)
+    d["brand_new"] = 1  # a newer server's field: ignored here, passed on by the model
+    assert snapshot_from_json(d) == snap
+    assert SnapshotInfo.model_validate(d).model_dump()["brand_new"] == 1
+    fields = {f.name for f in dataclasses.fields(hutch.Snapshot)}
+    assert fields <= set(SnapshotInfo.model_fields)

@@ -1,6 +1,9 @@
 """A real ``hutch serve`` process for tests: started from this venv's console script with its own
 ``HUTCH_HOME``, under ``setpriv --pdeathsig KILL`` so it never outlives pytest, and ready once
-``GET /health`` answers."""
+``GET /health`` answers.
+
+The session fixtures ``unix_server`` and ``tcp_server`` (one real server each, shared by every test
+folder; imported by tests/conftest.py) live here too."""
 
 from __future__ import annotations
 
@@ -10,9 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
+
+from tests.support.homes import make_home
 
 HUTCH = Path(sys.executable).parent / "hutch"
 START_TIMEOUT = 20.0
@@ -95,3 +102,26 @@ class ServerProcess:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+@pytest.fixture(scope="session")
+def unix_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server on its home's Unix socket (no token)."""
+    server = ServerProcess(make_home(tmp_path_factory.mktemp("srv-unix") / "home")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tcp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server on a free loopback TCP port (token in its home's server.token)."""
+    from tests.support.registry import free_port
+
+    home = make_home(tmp_path_factory.mktemp("srv-tcp") / "home")
+    server = ServerProcess(home, listen=f"127.0.0.1:{free_port()}").start()
+    try:
+        yield server
+    finally:
+        server.stop()

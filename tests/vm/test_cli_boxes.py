@@ -94,3 +94,72 @@ def test_start_exec_stats_stop_across_processes(home: Path) -> None:
     code, _, err = cli("stop", "--server")
     assert code == 125 and "no hutch server runs" in err
     assert cli("rm", "w")[0] == 0
+
+
+def test_snapshot_clone_and_rmsnap_across_processes(home: Path) -> None:
+    env = {"HUTCH_HOME": str(home)}
+
+    def cli(*args: str, **kw: object) -> tuple[int, str, str]:
+        p = hutch_cli(*args, env_extra=env, **kw)  # type: ignore[arg-type]
+        return p.returncode, p.stdout.decode(), p.stderr.decode()
+
+    assert cli("create", "--name", "src")[0] == 0
+    # Not running in a server: the same advice as exec, and no server is started for it.
+    for args in (("snapshot", "src"), ("clone", "src")):
+        code, _, err = cli(*args)
+        assert code == 125 and "hutch start src" in err, err
+    assert servers_of(home) == []
+    assert json.loads(cli("snapshots", "--json")[1]) == []  # no server needed to list
+
+    assert cli("start", "src")[0] == 0
+    assert cli("exec", "src", "--", "sh", "-c", "echo frozen > /root/f && sync")[0] == 0
+    code, out, err = cli("snapshot", "src", "--name", "warm", "--json")
+    assert code == 0, err
+    warm = json.loads(out)
+    assert (warm["name"], warm["image"], warm["users"], warm["auto_remove"]) == (
+        "warm",
+        "busybox",
+        [],
+        False,
+    )
+    code, out, err = cli("snapshot", "src")  # unnamed: prints the id
+    assert code == 0, err
+    unnamed = out.strip()
+    code, _, err = cli("snapshot", "src", "--name", "warm")
+    assert code == 125 and "already taken" in err
+
+    code, out, err = cli("create", "--snapshot", "warm", "--name", "fromsnap", "-l", "k=v")
+    assert code == 0, err
+    from_snap = out.strip()
+    code, _, err = cli("create", "--snapshot", "warm", "--memory", "512")
+    assert code == 125 and "memory_mib" in err  # the machine is the snapshot's
+    code, _, err = cli("create", "--snapshot", "nothing-here")
+    assert code == 125 and "nothing-here" in err
+    assert cli("start", "fromsnap")[0] == 0  # restores, in the server
+    assert cli("exec", "fromsnap", "--", "sh", "-c", "cat /root/f; hostname")[1] == (
+        "frozen\nfromsnap\n"
+    )
+    code, out, err = cli("clone", "src", "--name", "twin", "--json")
+    assert code == 0, err
+    twin = json.loads(out)
+    assert (twin["name"], twin["state"], twin["options"]["image"]) == ("twin", "running", "busybox")
+    assert cli("exec", "twin", "--", "sh", "-c", "cat /root/f; hostname")[1] == "frozen\ntwin\n"
+
+    listing = {s["id"]: s for s in json.loads(cli("snapshots", "--json")[1])}
+    assert listing[warm["id"]]["users"] == [from_snap] and listing[unnamed]["users"] == []
+    [clone_snap] = [s for s in listing.values() if s["auto_remove"]]
+    assert clone_snap["users"] == [twin["id"]] and clone_snap["source_box"] == warm["source_box"]
+    code, out, _ = cli("snapshots")
+    assert code == 0 and out.split()[:8] == "ID NAME IMAGE CPUS MEMORY SIZE CREATED USERS".split()
+    [row] = [line.split() for line in out.splitlines() if line.startswith(warm["id"])]
+    assert row[1:5] == ["warm", "busybox", "1", "256MiB"] and row[-1] == "1"
+
+    code, out, err = cli("rmsnap", "warm")
+    assert code == 125 and "used by" in err and from_snap in err
+    assert cli("stop", "fromsnap")[0] == 0 and cli("rm", "fromsnap")[0] == 0
+    code, out, err = cli("rmsnap", "warm", unnamed[:8])
+    assert (code, out) == (0, f"warm\n{unnamed[:8]}\n"), err
+    assert [s["id"] for s in json.loads(cli("snapshots", "--json")[1])] == [clone_snap["id"]]
+    # the clone's snapshot goes with the clone
+    assert cli("stop", "twin")[0] == 0 and cli("rm", "twin")[0] == 0
+    assert json.loads(cli("snapshots", "--json")[1]) == []

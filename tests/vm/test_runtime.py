@@ -196,17 +196,33 @@ async def test_disk_size_grows_the_root_filesystem(home: Path) -> None:
             await rt.remove(box.id, force=True)
 
 
-async def test_unapplied_options_refuse_to_start(home: Path, tmp_path: Path) -> None:
+async def test_host_facts_are_rechecked_before_a_start_is_claimed(
+    home: Path, tmp_path: Path
+) -> None:
+    """Ports and volumes are applied (tests/vm/test_box_io.py); what they rely on on the host is
+    checked again at start, and a refused start leaves the box as it was."""
+    import socket
+
+    folder = tmp_path / "data"
+    folder.mkdir()
     async with hutch.Runtime(home) as rt:
-        for opts in (
-            {"ports": [hutch.Port(host=18080, guest=80)]},
-            {"volumes": [hutch.Volume(host_path=str(tmp_path), guest_path="/data")]},
-        ):
-            box = await rt.create(image="busybox", **opts)
-            with pytest.raises(hutch.ConfigError, match="not supported by this hutch version"):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            box = await rt.create(
+                image="busybox",
+                ports=[hutch.Port(host=port, guest=80)],
+                volumes=[hutch.Volume(host_path=str(folder), guest_path="/data")],
+            )
+            with pytest.raises(ConflictError, match=f"127.0.0.1:{port}/tcp"):
                 await box.start()
             assert (await rt.get(box.id)).state == "created"
-            await rt.remove(box.id)
+        folder.rmdir()
+        with pytest.raises(hutch.ConfigError, match="does not exist"):
+            await box.start()
+        assert (await rt.get(box.id)).state == "created"
+        await rt.remove(box.id)
 
 
 async def test_cli_create_and_run_keep_or_remove(home: Path) -> None:

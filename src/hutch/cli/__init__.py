@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from hutch import __version__
@@ -41,9 +42,10 @@ err_console = Console(stderr=True, soft_wrap=True)  # never break messages mid-l
 
 def _report(e: HutchError) -> None:
     """Print an error and its hint to stderr."""
-    err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+    # Messages quote user input and option syntax ("[host_ip:]host:guest[/tcp|udp]"): not markup.
+    err_console.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, markup=True)
     if e.hint:
-        err_console.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+        err_console.print(f"[yellow]hint:[/] {escape(e.hint)}", highlight=False)
 
 
 def _fail(e: HutchError, code: int = EXIT_HUTCH_ERROR) -> NoReturn:
@@ -240,6 +242,42 @@ def doctor(as_json: bool, reprobe: bool) -> None:
     sys.exit(1 if problems else 0)
 
 
+def box_io_options(f: Any) -> Any:
+    """``-p/--publish``, ``-v/--volume`` and ``--network`` (for ``run`` and ``create``)."""
+    f = click.option(
+        "--network",
+        type=click.Choice(["none", "outbound"]),
+        default="none",
+        show_default=True,
+        help="none: no network (published ports still work); outbound: user-mode NAT.",
+    )(f)
+    f = click.option(
+        "-v",
+        "--volume",
+        "volumes",
+        multiple=True,
+        help="Share a host folder or file: /host/path:/guest/path[:ro].",
+    )(f)
+    return click.option(
+        "-p",
+        "--publish",
+        "publish",
+        multiple=True,
+        help="Publish a guest port: [host_ip:]host:guest[/tcp|udp], or guest (a free host port).",
+    )(f)
+
+
+def _box_io(publish: Sequence[str], volumes: Sequence[str], network: str) -> dict[str, Any]:
+    """BoxOptions keywords from the ``box_io_options`` flags (ConfigError for a bad spec)."""
+    from hutch.runtime.options import Port, Volume
+
+    return {
+        "ports": [Port.parse(p) for p in publish],
+        "volumes": [Volume.parse(v) for v in volumes],
+        "network": network,
+    }
+
+
 def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
     env: dict[str, str] = {}
     for p in pairs:
@@ -265,6 +303,7 @@ async def _run(
     entrypoint: str | None,
     name: str | None,
     rm: bool,
+    io: dict[str, Any] | None = None,
 ) -> int:
     from hutch.cli.images import PullDisplay
     from hutch.images.pull import ensure_image
@@ -275,12 +314,22 @@ async def _run(
         await ensure_image(image, paths=HutchPaths.default(), progress=show)
     remove = rm or name is None  # an unnamed box could only be found again by its id
     options = BoxOptions(
-        image=image, name=name, cpus=cpus, memory_mib=memory, accel=accel, auto_remove=remove
+        image=image,
+        name=name,
+        cpus=cpus,
+        memory_mib=memory,
+        accel=accel,
+        auto_remove=remove,
+        **(io or {}),
     )
     async with Runtime() as rt:
         box = await rt.create(options)
         try:
             await box.start()
+            for p in box.ports:  # a picked host port is only known now
+                err_console.print(
+                    f"published {p.host_ip}:{p.host} -> {p.guest}/{p.protocol}", highlight=False
+                )
             return await _run_in(
                 box, image, cmd, env, workdir, user, timeout, interactive, show_boot, entrypoint
             )
@@ -421,6 +470,7 @@ class _SplitAtDashDash(click.Command):
 @click.option("--entrypoint", help="Override the image's Entrypoint ('' clears it).")
 @click.option("--name", help="Name the box and keep it (stopped) after the command.")
 @click.option("--rm", is_flag=True, help="Remove the box afterwards even when it has a name.")
+@box_io_options
 def run(
     ctx: click.Context,
     args: tuple[str, ...],
@@ -436,6 +486,9 @@ def run(
     entrypoint: str | None,
     name: str | None,
     rm: bool,
+    publish: tuple[str, ...],
+    volumes: tuple[str, ...],
+    network: str,
 ) -> None:
     """Boot a box from IMAGE (default: busybox), run CMD in it, then remove the box — or, with
     --name (and without --rm), keep it stopped, for `hutch start`/`exec` later.
@@ -448,6 +501,7 @@ def run(
     hutch run -- uname -a
     hutch run busybox -- sh -c 'echo out; echo err >&2; exit 7'
     hutch run debian-python -- python3 -c 'print(6 * 7)'
+    hutch run -p 8080:80 -v /srv/www:/www:ro busybox -- httpd -f -p 80 -h /www
     """
     if "hutch_cmd" in ctx.meta:
         image_part, cmd = list(args), list(ctx.meta["hutch_cmd"])
@@ -473,6 +527,7 @@ def run(
                 entrypoint,
                 name,
                 rm,
+                _box_io(publish, volumes, network),
             )
         )
     except TimeoutError as e:  # the command outlived --timeout: exit 124, like timeout(1)
@@ -494,8 +549,9 @@ from hutch.cli import boxes as _boxes  # noqa: E402  (registers the box commands
 from hutch.cli import images as _images  # noqa: E402  (registers the image commands)
 from hutch.cli import remote as _remote  # noqa: E402  (registers start/stop/exec/stats)
 from hutch.cli import serve as _serve  # noqa: E402  (registers `hutch serve`)
+from hutch.cli import snapshots as _snapshots  # noqa: E402  (snapshot, snapshots, rmsnap, clone)
 
-__all__ = ["_boxes", "_images", "_remote", "_serve", "err_console", "main"]
+__all__ = ["_boxes", "_images", "_remote", "_serve", "_snapshots", "err_console", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from hutch.cli import _fail, _report, main
+from hutch.cli import _box_io, _fail, _report, box_io_options, main
 from hutch.errors import BadRequestError, HutchError
 from hutch.runtime.runtime import Runtime
 from hutch.runtime.store import BoxRecord
@@ -75,7 +75,14 @@ def ps_cmd(show_all: bool, as_json: bool) -> None:
     "--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@box_io_options
+@click.option(
+    "--snapshot",
+    help="Make the box from this snapshot, in the home's server (`hutch start` resumes it).",
+)
+@click.pass_context
 def create_cmd(
+    ctx: click.Context,
     image: str,
     name: str | None,
     cpus: int,
@@ -88,10 +95,22 @@ def create_cmd(
     auto_remove: bool,
     accel: str,
     as_json: bool,
+    publish: tuple[str, ...],
+    volumes: tuple[str, ...],
+    network: str,
+    snapshot: str | None,
 ) -> None:
-    """Create a box from IMAGE (default: busybox) without starting it; print its id."""
+    """Create a box from IMAGE (default: busybox) without starting it; print its id.
+
+    With --snapshot the box is made from a snapshot (its options; only those given here change)."""
     from hutch.cli import _parse_env
     from hutch.runtime.options import BoxOptions
+
+    if snapshot is not None:
+        from hutch.cli.snapshots import create_from_snapshot
+
+        create_from_snapshot(ctx, snapshot, as_json)
+        return
 
     async def go() -> BoxRecord:
         label_map: dict[str, str] = {}
@@ -112,6 +131,7 @@ def create_cmd(
             labels=label_map,
             auto_remove=auto_remove,
             accel=accel,
+            **_box_io(publish, volumes, network),
         )
         async with Runtime() as rt:
             box = await rt.create(options)
@@ -133,8 +153,19 @@ def _record_json(r: BoxRecord) -> dict[str, object]:
         "owner_pid": r.owner_pid,
         "created_at": r.created_at,
         "failure": r.failure,
+        "ports": published_ports(r),
         "options": r.options.to_json(),
     }
+
+
+def published_ports(r: BoxRecord) -> list[dict[str, object]]:
+    """The ports a running box publishes, as bound (host port 0 resolved); [] otherwise."""
+    from hutch.paths import HutchPaths
+    from hutch.vm.attach import read_ports
+
+    if r.state != "running":
+        return []
+    return read_ports(HutchPaths.default().boxes / r.id)
 
 
 @main.command("rm")

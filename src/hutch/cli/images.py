@@ -134,6 +134,7 @@ def images_cmd(as_json: bool, quiet: bool) -> None:
 def inspect_cmd(name: str) -> None:
     """Print a box's record and recent events, or an image's record, as JSON (boxes first)."""
     from hutch.box import store_for
+    from hutch.cli.boxes import published_ports
 
     paths = HutchPaths.default()
     try:
@@ -155,6 +156,7 @@ def inspect_cmd(name: str) -> None:
                 "created_at": box.created_at,
                 "started_at": box.started_at,
                 "stopped_at": box.stopped_at,
+                "ports": published_ports(box),
                 "options": box.options.to_json(),
                 "events": [
                     {"at": e.at, "kind": e.kind, "detail": e.detail}

@@ -249,20 +249,7 @@ def exec_cmd(
     paths = HutchPaths.default()
 
     async def go() -> int:
-        remote = await server(paths, start=False)
-        if remote is None:
-            rec = await _record(head[0])
-            raise InvalidStateError(
-                f"box {head[0]} is {rec.state}"
-                + (f" in process {rec.owner_pid}" if rec.owner_pid else ""),
-                hint=f"Start it with `hutch start {head[0]}`; a box started by a program is "
-                "driven from that program.",
-            )
-        box = await remote.get(head[0])
-        if box.state != "running":
-            raise InvalidStateError(
-                f"box {head[0]} is {box.state}", hint=f"Start it with `hutch start {head[0]}`."
-            )
+        box = await running_box(paths, head[0])
         execution = await box.spawn(
             cmd, env=_parse_env(env), cwd=workdir, user=user, timeout=timeout, stdin=interactive
         )
@@ -278,6 +265,26 @@ def exec_cmd(
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+async def running_box(paths: HutchPaths, name: str) -> Any:
+    """The box ``name`` as the home's server runs it (a RemoteBox); InvalidStateError saying how
+    to start it when no server answers (none is started) or the box is not running."""
+    remote = await server(paths, start=False)
+    if remote is None:
+        rec = await _record(name)
+        raise InvalidStateError(
+            f"box {name} is {rec.state}"
+            + (f" in process {rec.owner_pid}" if rec.owner_pid else ""),
+            hint=f"Start it with `hutch start {name}`; a box started by a program is "
+            "driven from that program.",
+        )
+    box = await remote.get(name)
+    if box.state != "running":
+        raise InvalidStateError(
+            f"box {name} is {box.state}", hint=f"Start it with `hutch start {name}`."
+        )
+    return box
 
 
 async def _record(name: str) -> BoxRecord:
@@ -365,4 +372,4 @@ def stats_cmd(boxes: tuple[str, ...], as_json: bool) -> None:
     Console(soft_wrap=True).print(table)
 
 
-__all__ = ["exec_cmd", "server", "start_cmd", "stats_cmd", "stop_cmd"]
+__all__ = ["exec_cmd", "running_box", "server", "start_cmd", "stats_cmd", "stop_cmd"]

@@ -20,12 +20,14 @@ from hutch.errors import BadRequestError
 from hutch.execution import DEFAULT_MAX_OUTPUT, HOST_TIMEOUT_GRACE, ExecResult
 from hutch.runtime.metrics import BoxMetrics, RuntimeMetrics
 from hutch.runtime.options import BoxOptions, Port, Volume
+from hutch.runtime.snapshots import CLONE_OVERRIDES, MACHINE_FIELDS, Snapshot
 from hutch.runtime.store import BoxRecord
 from hutch.server.wire import (
     b64encode,
     dataclass_from_json,
     record_from_json,
     result_from_json,
+    snapshot_from_json,
 )
 
 #: Extra seconds a request waits beyond a command's own timeout (the server kills it first).
@@ -58,6 +60,24 @@ def options_json(options: BoxOptions | None, kwargs: Mapping[str, Any]) -> dict[
         if key in data:
             data[key] = [x.to_json() if isinstance(x, cls) else x for x in data[key]]
     return BoxOptions.from_json(data).to_json()
+
+
+def clone_json(options: BoxOptions | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a box made from a snapshot sets for itself: the given keyword arguments only (or
+    all of ``options``), as JSON. The server applies ``Runtime.create(snapshot=…)``'s rules."""
+    if options is not None:
+        if kwargs:
+            raise TypeError("pass either options or keyword arguments, not both")
+        wanted = CLONE_OVERRIDES | set(MACHINE_FIELDS)  # as Runtime.create reads options
+        return {k: v for k, v in options.to_json().items() if k in wanted}
+    data: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key in ("ports", "volumes"):
+            value = [x.to_json() if isinstance(x, Port | Volume) else x for x in value]
+        elif key in ("env", "labels") and isinstance(value, Mapping):
+            value = dict(value)
+        data[key] = value
+    return data
 
 
 class RemoteBox:
@@ -179,6 +199,27 @@ class RemoteBox:
         m: BoxMetrics = dataclass_from_json(BoxMetrics, r.json())
         return m
 
+    # --- snapshots, clones and forks (see hutch.Box) --------------------------------------
+    async def snapshot(self, name: str | None = None) -> Snapshot:
+        """Freeze this running box into a snapshot on the server; the box runs on."""
+        r = await self._rt._t.request(
+            "POST", f"{self._path}/snapshot", json={"name": name}, read_timeout=None
+        )
+        return snapshot_from_json(r.json())
+
+    async def clone(self, *, name: str | None = None) -> RemoteBox:
+        """A running copy of this box on the server (its snapshot goes with its last clone)."""
+        r = await self._rt._t.request(
+            "POST", f"{self._path}/clone", json={"name": name}, read_timeout=None
+        )
+        return RemoteBox(self._rt, r.json())
+
+    async def fork(self, n: int, *, names: Sequence[str] | None = None) -> builtins.list[RemoteBox]:
+        """``n`` running copies of this box from one snapshot, restored concurrently."""
+        body = {"n": n, "names": list(names) if names is not None else None}
+        r = await self._rt._t.request("POST", f"{self._path}/fork", json=body, read_timeout=None)
+        return [RemoteBox(self._rt, d) for d in r.json()]
+
 
 class RemoteRuntime:
     """A hutch server's runtime; the methods of :class:`hutch.Runtime`. Made by
@@ -227,9 +268,23 @@ class RemoteRuntime:
         out: dict[str, Any] = r.json()
         return out
 
-    async def create(self, options: BoxOptions | None = None, **kwargs: Any) -> RemoteBox:
-        """A new box on the server (not started). ConflictError if the name is taken."""
-        r = await self._t.request("POST", "/v1/boxes", json=options_json(options, kwargs))
+    async def create(
+        self,
+        options: BoxOptions | None = None,
+        *,
+        snapshot: Snapshot | str | None = None,
+        **kwargs: Any,
+    ) -> RemoteBox:
+        """A new box on the server (not started). ConflictError if the name is taken.
+
+        With ``snapshot`` (a :class:`hutch.Snapshot`, or its id or name) the box is made from it
+        (its first ``start()`` restores it), with the rules of :meth:`hutch.Runtime.create`."""
+        if snapshot is None:
+            body = options_json(options, kwargs)
+        else:
+            snap_id = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
+            body = {**clone_json(options, kwargs), "snapshot": snap_id}
+        r = await self._t.request("POST", "/v1/boxes", json=body)
         return RemoteBox(self, r.json())
 
     async def get(self, id_or_name: str) -> RemoteBox:
@@ -273,6 +328,26 @@ class RemoteRuntime:
         m: RuntimeMetrics = dataclass_from_json(RuntimeMetrics, r.json())
         return m
 
+    # --- snapshots (the server's home) ----------------------------------------------------
+    async def snapshots(self) -> builtins.list[Snapshot]:
+        """Every snapshot of the server's home, oldest first."""
+        r = await self._t.request("GET", "/v1/snapshots")
+        return [snapshot_from_json(d) for d in r.json()]
+
+    async def get_snapshot(self, id_or_name: str) -> Snapshot:
+        """The snapshot with this id, unique id prefix or name (NotFoundError otherwise)."""
+        r = await self._t.request("GET", f"/v1/snapshots/{quote_id(id_or_name)}")
+        return snapshot_from_json(r.json())
+
+    async def snapshot_users(self, id_or_name: str) -> builtins.list[str]:
+        """Ids of the boxes made from a snapshot (they keep it from being removed)."""
+        r = await self._t.request("GET", f"/v1/snapshots/{quote_id(id_or_name)}")
+        return [str(u) for u in r.json().get("users") or []]
+
+    async def remove_snapshot(self, id_or_name: str) -> None:
+        """Delete a snapshot and its files; ConflictError while boxes made from it exist."""
+        await self._t.request("DELETE", f"/v1/snapshots/{quote_id(id_or_name)}")
+
     # --- images (the server's store) ------------------------------------------------------
     async def images(self) -> builtins.list[dict[str, Any]]:
         """The server's image store (``GET /v1/images``), newest first."""
@@ -313,4 +388,4 @@ class RemoteRuntime:
         raise ConnectionError(f"the pull of {reference!r} ended without a result")
 
 
-__all__ = ["RemoteBox", "RemoteRuntime", "options_json"]
+__all__ = ["RemoteBox", "RemoteRuntime", "clone_json", "options_json"]

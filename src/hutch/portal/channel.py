@@ -13,7 +13,9 @@ would send until :meth:`PortalChannel.thaw`, so the host→guest byte stream end
 boundary while the VM is paused. A channel to a clone is opened with ``restoring=True``: its
 handshake is :meth:`PortalChannel.restore` (``RESTORE``) answered by a ``HELLO`` carrying the same
 nonce; a plain ``HELLO`` before that (the agent greeting a reconnect) makes it send ``RESTORE``
-again instead of completing the handshake.
+again instead of completing the handshake. A running box can take a new identity again later
+(:meth:`PortalChannel.reidentify`: a warm-pool box handed out): another ``RESTORE`` with a new
+nonce, answered by a ``HELLO`` with that nonce.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ class Hello:
     minor: int = 0
     #: The nonce of the RESTORE this HELLO answers (a clone's handshake), else None.
     nonce: bytes | None = None
+    #: What the agent could not set up at boot (1.2: a volume it could not mount, a NIC it
+    #: could not configure), each a guest-written message (at most 8, 256 bytes each).
+    setup_errors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -307,6 +312,9 @@ class PortalChannel:
         # Clones: the handshake is RESTORE → HELLO with its nonce.
         self._restoring = restoring
         self._identity: Identity | None = None
+        #: Nonces of every RESTORE sent: HELLOs answering them after the handshake are expected.
+        self._nonces: set[bytes] = set()
+        self._reidentified: asyncio.Future[Hello] | None = None
         self._stale_bytes = 0
         self._task = loop.create_task(self._read_loop(), name="hutch-portal-reader")
 
@@ -337,7 +345,7 @@ class PortalChannel:
             self.hello.exception()
         for stream in list(self._streams.values()):
             stream._finish(error=exc)
-        for fut in [*self._pongs.values(), self._frozen]:
+        for fut in [*self._pongs.values(), self._frozen, self._reidentified]:
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
                 fut.exception()
@@ -431,8 +439,11 @@ class PortalChannel:
         nonce = nonces[-1] if nonces else None
         ours = self._identity.nonce if self._identity is not None else None
         if self.hello.done():
-            if self._restoring and nonce is not None and nonce == ours:
-                return  # the answer to a repeated RESTORE
+            if nonce is not None and nonce in self._nonces:
+                fut = self._reidentified
+                if nonce == ours and fut is not None and not fut.done():
+                    fut.set_result(self._hello(f, nonce))
+                return  # the answer to a repeated (or a later) RESTORE
             raise PortalError("guest sent a second HELLO")
         version = f.u(Tag.VERSION)
         if version != PROTOCOL_VERSION:
@@ -447,16 +458,21 @@ class PortalChannel:
             if self._identity is not None:
                 self._send_raw(Frame(MsgType.RESTORE, 0, self._identity.encode()))
             return
-        self.hello.set_result(
-            Hello(
-                version=version,
-                agent=f.text(Tag.AGENT, "", limit=64) or "",
-                kernel=f.text(Tag.KERNEL, "", limit=256) or "",
-                boot_start_us=f.u(Tag.BOOT_START_US, 0) or 0,
-                boot_ready_us=f.u(Tag.BOOT_READY_US, 0) or 0,
-                minor=f.u(Tag.MINOR, 0) or 0,
-                nonce=nonce,
-            )
+        self.hello.set_result(self._hello(f, nonce))
+
+    @staticmethod
+    def _hello(f: Fields, nonce: bytes | None) -> Hello:
+        return Hello(
+            version=f.u(Tag.VERSION) or 0,
+            agent=f.text(Tag.AGENT, "", limit=64) or "",
+            kernel=f.text(Tag.KERNEL, "", limit=256) or "",
+            boot_start_us=f.u(Tag.BOOT_START_US, 0) or 0,
+            boot_ready_us=f.u(Tag.BOOT_READY_US, 0) or 0,
+            minor=f.u(Tag.MINOR, 0) or 0,
+            nonce=nonce,
+            setup_errors=tuple(
+                v[:256].decode("utf-8", "replace") for v in f.all(Tag.SETUP_ERROR)[:8]
+            ),
         )
 
     # --- writing --------------------------------------------------------------------------
@@ -541,9 +557,34 @@ class PortalChannel:
         if not self._restoring or self._identity is not None:
             raise PortalError("restore() is the handshake of a restoring channel, once")
         self._identity = identity
+        self._nonces.add(identity.nonce)
         self._send_raw(Frame(MsgType.RESTORE, 0, identity.encode()))
         with contextlib.suppress(OSError, RuntimeError):
             await self._writer.drain()
+
+    async def reidentify(self, identity: Identity) -> Hello:
+        """Give a running guest a new identity: ``RESTORE`` again (fresh entropy, the host's clock
+        now, the hostname) on this connection; returns the ``HELLO`` that answers it (the caller
+        bounds the wait). The agent detaches the processes it runs for this host, so call it
+        while none run — a warm-pool box being handed out. Needs a completed handshake (any
+        channel, restored or booted) and a 1.1 agent."""
+        self._check_open()
+        if not self.hello.done() or self._paused:
+            raise PortalError("reidentify() needs a guest that said HELLO and is not frozen")
+        if self._reidentified is not None and not self._reidentified.done():
+            raise PortalError("a reidentify() is already waiting for its HELLO")
+        fut: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
+        self._reidentified = fut
+        self._identity = identity
+        self._nonces.add(identity.nonce)
+        self._send_raw(Frame(MsgType.RESTORE, 0, identity.encode()))
+        with contextlib.suppress(OSError, RuntimeError):
+            await self._writer.drain()
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            if self._reidentified is fut:
+                self._reidentified = None
 
     async def spawn(self, request: SpawnRequest) -> ProcessStream:
         """Send SPAWN; the returned stream's ``started`` resolves to the pid or raises."""

@@ -17,8 +17,9 @@ from hutch.errors import PortalError
 
 PROTOCOL_VERSION = 1
 #: Minor version (HELLO's ``MINOR``; absent = 0). 1 adds FREEZE/FROZEN/THAW/RESTORE (snapshots):
-#: an agent that predates it cannot be snapshotted, everything else works as before.
-PROTOCOL_MINOR = 1
+#: an agent that predates it cannot be snapshotted, everything else works as before. 2: the agent
+#: mounts volumes and configures the NIC at boot, and HELLO carries ``SETUP_ERROR``s.
+PROTOCOL_MINOR = 2
 #: Length of RESTORE's nonce (echoed in the HELLO that answers it).
 NONCE_LEN = 16
 #: Most entropy bytes one RESTORE may carry (the agent's limit too).
@@ -79,6 +80,7 @@ class Tag(IntEnum):
     BOOT_READY_US = 5
     MINOR = 6
     NONCE = 7
+    SETUP_ERROR = 8
     ARG = 16
     ENV = 17
     CWD = 18

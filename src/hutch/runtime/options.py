@@ -12,7 +12,11 @@ since been deleted must still be listable and removable. The runtime calls
 ``options.validate()`` again before it starts a box, which re-checks them.
 
 Options are immutable (``env``/``labels`` become read-only mappings, ``ports``/``volumes`` tuples)
-and round-trip through JSON (``to_json``/``from_json``) for the box store.
+and round-trip through JSON (``to_json``/``from_json``) for the box store; rows written before a
+field existed (``network``) read back with its default.
+
+How they are applied: ``volumes`` by :mod:`hutch.vm.volumes` (virtio-9p), ``network`` and
+``ports`` by :mod:`hutch.vm.network` (user-mode NAT, QEMU's slirp).
 """
 
 from __future__ import annotations
@@ -31,7 +35,16 @@ from typing import Any, Literal
 from hutch.errors import ConfigError
 from hutch.vm.accel import ACCELS
 
+NetworkMode = Literal["none", "outbound"]
+
 PROTOCOLS = ("tcp", "udp")
+#: ``none``: no network (a box with published ports gets a NIC that only carries their
+#: forwards); ``outbound``: user-mode NAT to wherever the host can reach.
+NETWORK_MODES = ("none", "outbound")
+#: Most volumes one box may have (each is a virtio-mmio device; microvm has 24 slots).
+MAX_VOLUMES = 16
+#: Most published ports one box may have (each is a listening socket of its QEMU).
+MAX_PORTS = 128
 MEMORY_MIB_MIN = 128
 MEMORY_MIB_MAX = 65536
 DISK_MIB_MIN = 256
@@ -166,7 +179,8 @@ class Port:
 
 @dataclass(frozen=True)
 class Volume:
-    """Share the host folder or file ``host_path`` at ``guest_path`` in the box."""
+    """Share the host folder or file ``host_path`` at ``guest_path`` in the box (virtio-9p;
+    ``read_only`` is enforced by QEMU). See :mod:`hutch.vm.volumes` for ownership and files."""
 
     host_path: str
     guest_path: str
@@ -194,6 +208,11 @@ class Volume:
             raise ConfigError(
                 f"{where}.host_path {host_path!r} does not exist",
                 hint="Create the folder first, or fix the path (it must exist on this host).",
+            )
+        if host and not (os.path.isdir(host_path) or os.path.isfile(host_path)):
+            raise ConfigError(
+                f"{where}.host_path {host_path!r} must be a folder or a regular file",
+                hint="Devices, sockets and FIFOs cannot be shared with a box.",
             )
         guest = _check_absolute(f"{where}.guest_path", self.guest_path)
         norm = posixpath.normpath(guest)
@@ -263,6 +282,8 @@ class BoxOptions:
     user: str | None = None
     ports: Sequence[Port] = ()
     volumes: Sequence[Volume] = ()
+    #: ``"none"`` (no network; published ports still work) or ``"outbound"`` (NAT).
+    network: NetworkMode = "none"
     auto_remove: bool = False
     accel: str = "auto"
     boot_timeout: float = 30.0
@@ -301,6 +322,12 @@ class BoxOptions:
                 raise ConfigError(
                     f"user must be a user name or uid[:gid] without whitespace, not {self.user!r}"
                 )
+        if self.network not in NETWORK_MODES:
+            raise ConfigError(
+                f"network must be one of {', '.join(NETWORK_MODES)}, not {self.network!r}",
+                hint="'none': no network (published ports still work); 'outbound': user-mode "
+                "NAT to what the host can reach.",
+            )
         self._validate_ports()
         self._validate_volumes(host=host)
         if not isinstance(self.auto_remove, bool):
@@ -342,6 +369,8 @@ class BoxOptions:
     def _validate_ports(self) -> None:
         seen_host: list[tuple[int, Port]] = []
         seen_guest: dict[tuple[int, str], int] = {}
+        if len(self.ports) > MAX_PORTS:
+            raise ConfigError(f"ports must have at most {MAX_PORTS} entries, not {len(self.ports)}")
         for i, port in enumerate(self.ports):
             port.validate(f"ports[{i}]")
             gkey = (port.guest, port.protocol)
@@ -369,6 +398,11 @@ class BoxOptions:
 
     def _validate_volumes(self, *, host: bool) -> None:
         seen: dict[str, int] = {}
+        if len(self.volumes) > MAX_VOLUMES:
+            raise ConfigError(
+                f"volumes must have at most {MAX_VOLUMES} entries, not {len(self.volumes)}",
+                hint="Share a common parent folder instead of many small ones.",
+            )
         for i, volume in enumerate(self.volumes):
             volume.validate(f"volumes[{i}]", host=host)
             guest = posixpath.normpath(volume.guest_path)
@@ -392,6 +426,7 @@ class BoxOptions:
             "user": self.user,
             "ports": [p.to_json() for p in self.ports],
             "volumes": [v.to_json() for v in self.volumes],
+            "network": self.network,
             "auto_remove": self.auto_remove,
             "accel": self.accel,
             "boot_timeout": self.boot_timeout,
@@ -413,4 +448,15 @@ class BoxOptions:
             _HOST_CHECKS.reset(token)
 
 
-__all__ = ["ACCELS", "PROTOCOLS", "BoxOptions", "Port", "Volume", "check_name"]
+__all__ = [
+    "ACCELS",
+    "MAX_PORTS",
+    "MAX_VOLUMES",
+    "NETWORK_MODES",
+    "PROTOCOLS",
+    "BoxOptions",
+    "NetworkMode",
+    "Port",
+    "Volume",
+    "check_name",
+]

@@ -18,6 +18,11 @@ is not mistaken for the owner). When that process is gone, :func:`recover`:
    folder), as its owner would have done. A recovery killed half way leaves the box
    ``stopping`` with a dead owner, which the next recovery finishes.
 
+A box that was waiting in a warm pool (``pool`` set: :mod:`hutch.runtime.pool`) was nobody's
+box yet, so it is removed outright (row and folder), never left as a stopped box; so is a pool
+row that is not running and unchanged for ``orphan_age`` seconds (a pool removes its failed
+restores at once, so such a row is a leftover of a crash).
+
 Then it reclaims orphans: run folders whose box has no live owner (neither in this store nor by its
 ``owner`` file), QEMU processes (of this user, ``qemu-system-*`` with a run folder under RUN in their
 arguments) whose box has no live owner, and box folders ``HOME/boxes/<id>/`` that have no row in the
@@ -243,15 +248,36 @@ def _recover_box(
         log.warning("box %s changed while it was being recovered; left as it is", rec.id)
         return None
     log.warning("box %s: %s", rec.id, detail)
-    if rec.options.auto_remove:  # an ephemeral box: its owner would have removed it
+    if rec.options.auto_remove or rec.pool is not None:  # ephemeral, or never handed out
         try:
             store.delete(rec.id, expect={now_state}, missing_ok=True)
         except InvalidStateError:
             return RecoveredBox(rec.id, rec.state, now_state, why, killed)  # restarted meanwhile
         shutil.rmtree(boxes_root / rec.id, ignore_errors=True)
-        log.warning("box %s: removed (auto_remove)", rec.id)
+        log.warning("box %s: removed (%s)", rec.id, "warm pool" if rec.pool else "auto_remove")
         now_state = "removed"
     return RecoveredBox(rec.id, rec.state, now_state, why, killed)
+
+
+def _remove_pool_leftovers(
+    store: BoxStore, boxes_root: Path, orphan_age: float, report: RecoveryReport
+) -> None:
+    """Warm-pool rows that are not active and have not changed for ``orphan_age`` seconds: what a
+    pool that crashed between recording a box and starting it (or removing a failed one) left."""
+    now = time.time()
+    for rec in store.list(include_pool=True):
+        if rec.pool is None or rec.active or now - rec.updated_at < orphan_age:
+            continue
+        try:
+            gone = store.delete(rec.id, expect={rec.state}, missing_ok=True)
+        except InvalidStateError:
+            continue  # started meanwhile
+        if gone:
+            shutil.rmtree(boxes_root / rec.id, ignore_errors=True)
+            log.warning("box %s: removed (a warm-pool box left %s)", rec.id, rec.state)
+            report.boxes.append(
+                RecoveredBox(rec.id, rec.state, "removed", "a warm-pool box that was left behind")
+            )
 
 
 def _held(box_id: str, rows: dict[str, BoxRecord], run_root: Path) -> bool:
@@ -314,14 +340,15 @@ def recover(
     """
     run_root = paths.run if run_root is None else run_root
     report = RecoveryReport()
-    for rec in store.list(state=ACTIVE_STATES):
+    for rec in store.list(state=ACTIVE_STATES, include_pool=True):
         if rec.owner_alive():
             continue
         done = _recover_box(store, rec, run_root, paths.boxes, kill_grace, report)
         if done is not None:
             report.boxes.append(done)
+    _remove_pool_leftovers(store, paths.boxes, orphan_age, report)
 
-    rows = {r.id: r for r in store.list()}
+    rows = {r.id: r for r in store.list(include_pool=True)}
     if run_root.is_dir():
         with contextlib.suppress(OSError):
             report.killed += _orphan_qemus(run_root, rows, kill_grace, startup_grace)
@@ -341,7 +368,7 @@ def recover(
             report.run_dirs.append(d)
 
     if paths.boxes.is_dir():
-        rows = {r.id: r for r in store.list()}  # boxes created meanwhile are not orphans
+        rows = {r.id: r for r in store.list(include_pool=True)}  # created meanwhile: not orphans
         now = time.time()
         for d in sorted(paths.boxes.iterdir()):
             if ID_RE.fullmatch(d.name) is None or d.is_symlink() or not d.is_dir():

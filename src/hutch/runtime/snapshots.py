@@ -99,6 +99,13 @@ class Snapshot:
     #: Removed with its last clone (snapshots made by ``box.clone()``/``box.fork()``).
     auto_remove: bool = False
     created_at: float = field(default_factory=time.time)
+    #: The key of the warm pool it was made for (:mod:`hutch.runtime.pool`), else None.
+    pool: str | None = None
+    #: The process keeping it for its warm pool (pid, start time, boot id): while that process
+    #: lives, the snapshot is not removed with its last box.
+    holder_pid: int | None = None
+    holder_start: float | None = None
+    holder_boot: str | None = None
 
     @property
     def cpus(self) -> int:
@@ -121,7 +128,15 @@ CLONE_OVERRIDES = frozenset(
     {"name", "env", "workdir", "user", "labels", "auto_remove", "boot_timeout", "accel"}
 )
 #: Options that must equal the snapshot's (they are baked into its RAM, disk and device state).
-MACHINE_FIELDS = ("image", "cpus", "memory_mib", "disk_size_mib", "ports", "volumes")
+MACHINE_FIELDS = (
+    "image",
+    "cpus",
+    "memory_mib",
+    "disk_size_mib",
+    "ports",
+    "volumes",
+    "network",
+)
 
 
 def clone_options(

@@ -33,6 +33,16 @@ rows; names unique among snapshots). A box made from one records it in ``boxes.s
 foreign key: :meth:`BoxStore.delete_snapshot` refuses (ConflictError) while such boxes exist, in
 the same transaction that would delete it, and a box cannot be inserted for a snapshot that is gone.
 
+**Warm pools** (schema 3, :mod:`hutch.runtime.pool`): a box restored ahead of time and waiting in
+a runtime's warm pool has ``boxes.pool`` set (its pool's key). Such rows are not boxes of anyone
+yet: :meth:`BoxStore.list` and :meth:`BoxStore.find` leave them out (recovery asks for them with
+``include_pool=True``), and :meth:`BoxStore.hand_out` turns one into an ordinary box — its options,
+name and creation time — in one transaction. A pool's snapshot is *held* by the runtime process
+that keeps the pool (``snapshots.holder_*``): :meth:`BoxStore.delete_snapshot` with ``only_auto``
+leaves a snapshot alone while its holder lives, so the pool's snapshot survives its boxes coming
+and going; once the holder lets go (or dies), it is removed with its last box like any snapshot
+made by ``clone()``.
+
 **Opening.** The first process to open a home's store switches it to WAL and creates or migrates
 the schema (version in ``PRAGMA user_version``; :data:`MIGRATIONS`). Opening is serialised by a
 ``flock`` on ``runtime.db.lock`` so that this happens once. A file that is not a usable SQLite
@@ -77,7 +87,7 @@ from hutch.runtime.snapshots import Snapshot
 log = logging.getLogger("hutch.runtime")
 
 DB_NAME = "runtime.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Seconds a writer waits for another process's transaction before StorageError.
 BUSY_TIMEOUT = 10.0
 #: Shortest id prefix :meth:`BoxStore.get` accepts.
@@ -238,6 +248,8 @@ class BoxRecord:
     revision: int = 0
     #: The snapshot the box was made from (its disk backs onto the snapshot's), else None.
     snapshot_id: str | None = None
+    #: The key of the warm pool the box waits in (not handed out yet), else None.
+    pool: str | None = None
 
     @classmethod
     def new(
@@ -247,10 +259,11 @@ class BoxRecord:
         id: str | None = None,
         name: str | None = None,
         snapshot_id: str | None = None,
+        pool: str | None = None,
     ) -> BoxRecord:
         """A ``created`` record for new options: a fresh sortable id; the name is ``name`` or
         ``options.name`` (None: the box has no name); ``snapshot_id`` for a box made from a
-        snapshot."""
+        snapshot; ``pool`` for a box waiting in a warm pool."""
         from hutch.box import new_box_id  # (imported here: hutch.box may come to import us)
 
         return cls(
@@ -259,6 +272,7 @@ class BoxRecord:
             image=options.image,
             options=options,
             snapshot_id=snapshot_id,
+            pool=pool,
         )
 
     @property
@@ -305,6 +319,7 @@ _COLUMNS = (
     "updated_at",
     "revision",
     "snapshot_id",
+    "pool",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM boxes"
 _SNAP_COLUMNS = (
@@ -323,6 +338,10 @@ _SNAP_COLUMNS = (
     "state_bytes",
     "auto_remove",
     "created_at",
+    "pool",
+    "holder_pid",
+    "holder_start",
+    "holder_boot",
 )
 _SNAP_SELECT = f"SELECT {', '.join(_SNAP_COLUMNS)} FROM snapshots"
 
@@ -389,9 +408,19 @@ def _schema_2(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX boxes_snapshot ON boxes (snapshot_id)")
 
 
+def _schema_3(conn: sqlite3.Connection) -> None:
+    """Warm pools (:mod:`hutch.runtime.pool`): the pool a box waits in, the pool a snapshot was
+    made for and the process holding it."""
+    conn.execute("ALTER TABLE boxes ADD COLUMN pool TEXT")
+    conn.execute("ALTER TABLE snapshots ADD COLUMN pool TEXT")
+    conn.execute("ALTER TABLE snapshots ADD COLUMN holder_pid INTEGER")
+    conn.execute("ALTER TABLE snapshots ADD COLUMN holder_start REAL")
+    conn.execute("ALTER TABLE snapshots ADD COLUMN holder_boot TEXT")
+
+
 #: ``MIGRATIONS[v]`` brings a version-``v`` database to version ``v + 1``. Steps run inside the one
 #: migration transaction: plain ``conn.execute`` only (``executescript`` would commit half way).
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1, _schema_2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1, _schema_2, _schema_3)
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -446,6 +475,13 @@ def _ownerless(box_id: str, state: str) -> BadRequestError:
         hint="Enter starting/running/stopping with claim(id, state=...), which records the owner; "
         "recovery treats an ownerless active box as abandoned.",
     )
+
+
+def _held(snap: Snapshot) -> bool:
+    """Is a live process holding this snapshot (for its warm pool)?"""
+    if snap.holder_pid is None:
+        return False
+    return ProcessIdentity(snap.holder_pid, snap.holder_start, snap.holder_boot).alive()
 
 
 def _expected(expect: Collection[str]) -> str:
@@ -827,20 +863,23 @@ class BoxStore:
 
     # --- reading --------------------------------------------------------------------------
     def find(self, id_or_name: str) -> BoxRecord | None:
-        """Like :meth:`get`, but None when nothing matches."""
+        """Like :meth:`get`, but None when nothing matches (boxes waiting in a warm pool never
+        match: they are nobody's yet)."""
         key = str(id_or_name)
+        mine = "pool IS NULL"
         with self._read("reading") as conn:
-            row = conn.execute(f"{_SELECT} WHERE id = ?", (key,)).fetchone()
+            row = conn.execute(f"{_SELECT} WHERE id = ? AND {mine}", (key,)).fetchone()
             if row is None:
-                row = conn.execute(f"{_SELECT} WHERE name = ?", (key,)).fetchone()
+                row = conn.execute(f"{_SELECT} WHERE name = ? AND {mine}", (key,)).fetchone()
             if row is None and len(key) >= MIN_PREFIX and re.fullmatch(r"[0-9a-f]+", key):
                 rows = conn.execute(
-                    f"{_SELECT} WHERE id >= ? AND id < ? ORDER BY id LIMIT 3",
+                    f"{_SELECT} WHERE id >= ? AND id < ? AND {mine} ORDER BY id LIMIT 3",
                     (key, key + "g"),  # 'g' sorts after every hex digit
                 ).fetchall()
                 if len(rows) > 1:
                     (count,) = conn.execute(
-                        "SELECT count(*) FROM boxes WHERE id >= ? AND id < ?", (key, key + "g")
+                        f"SELECT count(*) FROM boxes WHERE id >= ? AND id < ? AND {mine}",
+                        (key, key + "g"),
                     ).fetchone()
                     shown = ", ".join(r[0] for r in rows[:2])
                     raise ConflictError(
@@ -872,20 +911,62 @@ class BoxStore:
             )
         return rec
 
-    def list(self, state: str | Collection[str] | None = None) -> builtins.list[BoxRecord]:
-        """All boxes (oldest first), or those in ``state`` (one state or several)."""
+    def list(
+        self, state: str | Collection[str] | None = None, *, include_pool: bool = False
+    ) -> builtins.list[BoxRecord]:
+        """All boxes (oldest first), or those in ``state`` (one state or several). Boxes waiting
+        in a warm pool only with ``include_pool`` (crash recovery needs them)."""
+        where = [] if include_pool else ["pool IS NULL"]
+        args: builtins.list[str] = []
+        if state is not None:
+            states = [state] if isinstance(state, str) else sorted(state)
+            for s in states:
+                _check_state(s)
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args += states
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
         with self._read("reading") as conn:
-            if state is None:
-                rows = conn.execute(f"{_SELECT} ORDER BY id").fetchall()
-            else:
-                states = [state] if isinstance(state, str) else sorted(state)
-                for s in states:
-                    _check_state(s)
-                marks = ", ".join("?" * len(states))
-                rows = conn.execute(
-                    f"{_SELECT} WHERE state IN ({marks}) ORDER BY id", states
-                ).fetchall()
+            rows = conn.execute(f"{_SELECT}{clause} ORDER BY id", args).fetchall()
             return [self._record(r) for r in rows]
+
+    def hand_out(
+        self, box_id: str, *, pool: str, options: BoxOptions, name: str | None
+    ) -> BoxRecord:
+        """Make a box waiting in the warm pool ``pool`` an ordinary box with these options and
+        name, created now (one transaction). InvalidStateError unless it is a running box of
+        that pool; ConflictError if the name is taken (the box stays in the pool then)."""
+        if name is not None:
+            check_name(name)
+        with self._write("handing out a box in") as conn:
+            rec = self._require(conn, box_id)
+            if rec.pool != pool or rec.state != "running":
+                raise InvalidStateError(
+                    f"box {box_id} is not a running box of the warm pool {pool} "
+                    f"(pool {rec.pool}, {rec.state})"
+                )
+            now = time.time()
+            try:
+                conn.execute(
+                    "UPDATE boxes SET name = ?, image = ?, options = ?, pool = NULL, "
+                    "created_at = ?, updated_at = ?, revision = revision + 1 WHERE id = ?",
+                    (
+                        name,
+                        options.image,
+                        json.dumps(options.to_json(), sort_keys=True),
+                        now,
+                        now,
+                        box_id,
+                    ),
+                )
+            except sqlite3.IntegrityError as e:
+                if "boxes.name" in str(e):
+                    raise ConflictError(
+                        f"the name {name!r} is already taken",
+                        hint=f"Pick another name, or remove the old box first (`hutch rm {name}`).",
+                    ) from None
+                raise
+            self._add_event(conn, box_id, "handed-out", f"from the warm pool {pool}")
+            return self._require(conn, box_id)
 
     def events(
         self, box_id: str, limit: int = 100, *, after: int | None = None
@@ -920,6 +1001,22 @@ class BoxStore:
             ) from e
         values["auto_remove"] = bool(values["auto_remove"])
         return Snapshot(**values)
+
+    def hold_snapshot(
+        self, snapshot_id: str, holder: ProcessIdentity | None, *, pool: str | None = None
+    ) -> None:
+        """Let ``holder`` (a live process: the one keeping a warm pool) keep an ``auto_remove``
+        snapshot while no box uses it; None lets go. ``pool`` records the pool's key too.
+        NotFoundError if there is no such snapshot."""
+        values = (None, None, None) if holder is None else (holder.pid, holder.start, holder.boot)
+        with self._write("updating a snapshot in") as conn:
+            cur = conn.execute(
+                "UPDATE snapshots SET holder_pid = ?, holder_start = ?, holder_boot = ?, "
+                "pool = coalesce(?, pool) WHERE id = ?",
+                (*values, pool, snapshot_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFoundError(f"no snapshot {snapshot_id!r}")
 
     def insert_snapshot(self, snap: Snapshot) -> Snapshot:
         """Record a snapshot whose folder is complete. A taken name raises ConflictError."""
@@ -993,8 +1090,9 @@ class BoxStore:
     def delete_snapshot(self, snapshot_id: str, *, only_auto: bool = False) -> bool:
         """Delete a snapshot's row — refused with ConflictError while boxes were made from it.
 
-        ``only_auto``: only an ``auto_remove`` snapshot, and only when unused (no error then);
-        returns whether a row was deleted. The caller removes the folder afterwards."""
+        ``only_auto``: only an ``auto_remove`` snapshot, only when unused and not held by a live
+        process (a warm pool's: :meth:`hold_snapshot`) — no error then; returns whether a row was
+        deleted. The caller removes the folder afterwards."""
         with self._write("removing a snapshot from") as conn:
             row = conn.execute(f"{_SNAP_SELECT} WHERE id = ?", (snapshot_id,)).fetchone()
             if row is None:
@@ -1008,7 +1106,8 @@ class BoxStore:
                     (snapshot_id,),
                 )
             ]
-            if only_auto and (users or not self._snapshot(row).auto_remove):
+            snap = self._snapshot(row)
+            if only_auto and (users or not snap.auto_remove or _held(snap)):
                 return False
             if users:
                 shown = ", ".join(users[:5]) + (", …" if len(users) > 5 else "")

@@ -4,7 +4,8 @@
 Every endpoint and body is in ``docs/API.md`` and ``/openapi.json``. Errors are always
 ``{"error": {"type", "message", "hint"}}`` with the status of the error class
 (:func:`hutch.errors.status_table`): request bodies of the wrong shape are 400 ``BadRequestError``,
-a missing box 404 ``NotFoundError``, an unexpected exception 500 ``InternalError`` (logged).
+a missing box 404 ``NotFoundError``, an unexpected exception 500 ``InternalError`` (logged), a
+request body over :data:`~hutch.server.wire.MAX_BODY` 400 ``BadRequestError`` (:class:`BodyLimit`).
 CORS is off: there is no CORS middleware, so browsers refuse cross-origin calls.
 """
 
@@ -24,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hutch import errors
 from hutch.box import Box
@@ -37,13 +39,17 @@ from hutch.server.auth import BearerAuth
 from hutch.server.models import (
     BoxCreate,
     BoxInfo,
+    CloneRequest,
     ErrorBody,
     ExecRequest,
     ExecResultModel,
+    ForkRequest,
     Health,
     ImageInfo,
     ImageRemoved,
     PullRequest,
+    SnapshotInfo,
+    SnapshotRequest,
     Version,
 )
 from hutch.server.streams import (
@@ -55,10 +61,12 @@ from hutch.server.streams import (
 )
 from hutch.server.wire import (
     API_VERSION,
+    MAX_BODY,
     error_body,
     error_status,
     record_to_json,
     result_to_json,
+    snapshot_to_json,
 )
 
 log = logging.getLogger("hutch.server")
@@ -123,14 +131,31 @@ def _image_info(rec: ImageRecord) -> dict[str, Any]:
     }
 
 
+_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(BoxOptions))
+
+
 def options_from_body(data: dict[str, Any]) -> BoxOptions:
     """BoxOptions from request JSON, with every rule checked (host-dependent ones included)."""
     kwargs = dict(data)
+    unknown = sorted(set(kwargs) - _OPTION_FIELDS)
+    if unknown:  # the request model and hutch.BoxOptions disagree: a 400, not a TypeError
+        raise BadRequestError(f"unknown box option(s): {', '.join(unknown)}")
     if "ports" in kwargs:
         kwargs["ports"] = tuple(Port(**p) for p in kwargs["ports"])
     if "volumes" in kwargs:
         kwargs["volumes"] = tuple(Volume(**v) for v in kwargs["volumes"])
     return BoxOptions(**kwargs)
+
+
+def clone_overrides(data: dict[str, Any]) -> dict[str, Any]:
+    """Request JSON as keyword arguments of ``Runtime.create(snapshot=…)``: its rules decide
+    which options a box made from a snapshot may set (ConfigError naming the field)."""
+    kwargs = dict(data)
+    if "ports" in kwargs:
+        kwargs["ports"] = tuple(Port(**p) for p in kwargs["ports"])
+    if "volumes" in kwargs:
+        kwargs["volumes"] = tuple(Volume(**v) for v in kwargs["volumes"])
+    return kwargs
 
 
 def _states(state: list[str] | None) -> list[str] | None:
@@ -140,9 +165,95 @@ def _states(state: list[str] | None) -> list[str] | None:
     return out or None
 
 
-def create_app(runtime: Runtime, *, token: str | None) -> FastAPI:
+#: Bytes of an oversized body the server still reads (and drops) before it answers, so that a
+#: client still sending gets the 400 instead of a broken pipe; past that the connection is closed.
+DRAIN_LIMIT = 64 << 20
+
+
+class BodyLimit:
+    """ASGI middleware: an HTTP request body over ``max_bytes`` is a 400 ``BadRequestError``.
+
+    A ``Content-Length`` over the limit is refused before the application runs; a chunked body is
+    read (at most ``max_bytes``) before the application runs and handed to it whole. Either way
+    the rest of an oversized body is read and dropped (up to :data:`DRAIN_LIMIT`), so nothing is
+    buffered beyond the limit and the client, still sending, reads the answer."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def too_large(self, size: int | None) -> BadRequestError:
+        what = f"{size} bytes" if size is not None else "more bytes"
+        return BadRequestError(
+            f"the request body has {what}; the limit is {self.max_bytes} bytes",
+            hint="Send large stdin through a streamed exec (box.spawn(), the WebSocket "
+            "endpoint …/exec/ws), which has no size limit.",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        try:
+            declared: int | None = int(headers[b"content-length"])
+        except (KeyError, ValueError):
+            declared = None
+        if declared is not None and declared > self.max_bytes:
+            await _drain(receive, DRAIN_LIMIT)
+            await error_response(self.too_large(declared))(scope, receive, send)
+            return
+        if declared is not None or b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # the HTTP parser holds it to Content-Length
+            return
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await _drain(receive, DRAIN_LIMIT)
+                await error_response(self.too_large(None))(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(parts), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    """Read and drop the rest of a request body (at most ``limit`` bytes)."""
+    dropped = 0
+    while dropped <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """``receive`` that first gives ``messages``, then the real ones (e.g. http.disconnect)."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+def create_app(runtime: Runtime, *, token: str | None, max_body: int = MAX_BODY) -> FastAPI:
     """The API over ``runtime`` (already open, or opened on first use). With ``token``, every
-    request but ``GET /health`` needs ``Authorization: Bearer <token>``."""
+    request but ``GET /health`` needs ``Authorization: Bearer <token>``. Request bodies are
+    limited to ``max_body`` bytes (:class:`BodyLimit`)."""
     from hutch import __version__
 
     app = FastAPI(
@@ -160,9 +271,11 @@ def create_app(runtime: Runtime, *, token: str | None) -> FastAPI:
     _meta_routes(router, runtime)
     _box_routes(router, runtime)
     _exec_routes(router, runtime)
+    _snapshot_routes(router, runtime)
     _image_routes(router, runtime)
     app.include_router(router)
-    if token is not None:
+    app.add_middleware(BodyLimit, max_bytes=max_body)
+    if token is not None:  # added last, so it runs first: no token, no body read
         app.add_middleware(BearerAuth, token=token)
     return app
 
@@ -275,10 +388,15 @@ async def _info(rt: Runtime, box: Box) -> dict[str, Any]:
 def _box_routes(router: APIRouter, rt: Runtime) -> None:
     @router.post("/v1/boxes", status_code=201, response_model=BoxInfo, tags=["boxes"])
     async def create_box(body: BoxCreate) -> dict[str, Any]:
-        """Create a box (not started unless ``start`` is true). 409 if the name is taken."""
+        """Create a box (not started unless ``start`` is true). 409 if the name is taken. With
+        ``snapshot``, the box is made from that snapshot: its start restores it."""
         data = body.model_dump(exclude_unset=True)
         start = data.pop("start", False)
-        box = await rt.create(options_from_body(data))
+        snapshot = data.pop("snapshot", None)
+        if snapshot is not None:
+            box = await rt.create(snapshot=snapshot, **clone_overrides(data))
+        else:
+            box = await rt.create(options_from_body(data))
         if start:
             try:
                 await box.start()
@@ -328,6 +446,68 @@ def _box_routes(router: APIRouter, rt: Runtime) -> None:
         """Counters, timings, QEMU's CPU and memory, and the guest's memory use."""
         box = await rt.get(id_or_name)
         return await box.metrics()
+
+
+# --- snapshots, clones and forks -----------------------------------------------------------
+def _snapshot_routes(router: APIRouter, rt: Runtime) -> None:
+    @router.post(
+        "/v1/boxes/{id_or_name}/snapshot",
+        status_code=201,
+        response_model=SnapshotInfo,
+        tags=["snapshots"],
+    )
+    async def snapshot_box(id_or_name: str, body: SnapshotRequest | None = None) -> dict[str, Any]:
+        """Freeze a running box (RAM, device state, disk) into a snapshot; the box runs on.
+        409 if the box is not running here, or the name is taken."""
+        box = await rt.get(id_or_name)
+        snap = await box.snapshot(name=body.name if body is not None else None)
+        return snapshot_to_json(snap, users=[])
+
+    @router.post(
+        "/v1/boxes/{id_or_name}/clone", status_code=201, response_model=BoxInfo, tags=["snapshots"]
+    )
+    async def clone_box(id_or_name: str, body: CloneRequest | None = None) -> dict[str, Any]:
+        """A running copy of a running box (a snapshot, restored as a new box; the snapshot goes
+        with its last clone). The clone belongs to this server."""
+        box = await rt.get(id_or_name)
+        clone = await box.clone(name=body.name if body is not None else None)
+        return await _info(rt, clone)
+
+    @router.post(
+        "/v1/boxes/{id_or_name}/fork",
+        status_code=201,
+        response_model=list[BoxInfo],
+        tags=["snapshots"],
+    )
+    async def fork_box(id_or_name: str, body: ForkRequest) -> list[dict[str, Any]]:
+        """``n`` running copies of a running box from one snapshot, restored concurrently; if
+        one fails, all are removed and the error is the answer."""
+        box = await rt.get(id_or_name)
+        clones = await box.fork(body.n, names=body.names)
+        return [await _info(rt, c) for c in clones]
+
+    @router.get("/v1/snapshots", response_model=list[SnapshotInfo], tags=["snapshots"])
+    async def list_snapshots() -> list[dict[str, Any]]:
+        """Every snapshot of the home (all processes), oldest first, with the boxes using it."""
+        snaps = await rt.snapshots()
+
+        def with_users() -> list[dict[str, Any]]:
+            return [snapshot_to_json(s, rt.store.snapshot_users(s.id)) for s in snaps]
+
+        return await asyncio.to_thread(with_users)
+
+    @router.get("/v1/snapshots/{id_or_name}", response_model=SnapshotInfo, tags=["snapshots"])
+    async def get_snapshot(id_or_name: str) -> dict[str, Any]:
+        """By id, unique id prefix or name; ``users`` are the ids of the boxes made from it."""
+        snap = await rt.get_snapshot(id_or_name)
+        users = await asyncio.to_thread(rt.store.snapshot_users, snap.id)
+        return snapshot_to_json(snap, users)
+
+    @router.delete("/v1/snapshots/{id_or_name}", status_code=204, tags=["snapshots"])
+    async def remove_snapshot(id_or_name: str) -> Response:
+        """Delete a snapshot and its files; 409 while boxes made from it exist."""
+        await rt.remove_snapshot(id_or_name)
+        return Response(status_code=204)
 
 
 # --- exec -----------------------------------------------------------------------------------
@@ -463,4 +643,11 @@ async def _pull_lines(rt: Runtime, body: PullRequest) -> AsyncIterator[bytes]:
             task.cancel()  # the client went away: the pull stops (it resumes next time)
 
 
-__all__ = ["create_app", "error_response", "options_from_body", "prometheus_text"]
+__all__ = [
+    "BodyLimit",
+    "clone_overrides",
+    "create_app",
+    "error_response",
+    "options_from_body",
+    "prometheus_text",
+]

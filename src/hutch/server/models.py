@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hutch.box import MAX_FORK
 from hutch.execution import DEFAULT_MAX_OUTPUT
 from hutch.runtime.options import BoxOptions
 
@@ -79,18 +80,36 @@ class BoxOptionsModel(_Strict):
     user: str | None = None
     ports: list[PortModel] = Field(default_factory=list)
     volumes: list[VolumeModel] = Field(default_factory=list)
+    network: str = Field(
+        _DEFAULTS.get("network", "none"), description="none (no network) or outbound (NAT)"
+    )
     auto_remove: bool = _DEFAULTS["auto_remove"]
     accel: str = _DEFAULTS["accel"]
     boot_timeout: float = _DEFAULTS["boot_timeout"]
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+class BoxOptionsInfo(BoxOptionsModel):
+    """A box's options as the server stored them. Lenient, unlike the request model: options
+    this model does not name yet (a newer hutch.BoxOptions) are passed through, never a 500."""
+
+    model_config = ConfigDict(extra="allow", strict=False)
+
+
 class BoxCreate(BoxOptionsModel):
     start: bool = Field(False, description="Boot the box before answering (removed if that fails).")
+    snapshot: str | None = Field(
+        None,
+        description="Make the box from this snapshot (id, id prefix or name): its first start "
+        "resumes the snapshot. Only name, env, workdir, user, labels, auto_remove, accel and "
+        "boot_timeout may then be given; the machine fields must be the snapshot's if given.",
+    )
 
 
 class BoxInfo(BaseModel):
-    """A box's stored record (hutch.BoxRecord)."""
+    """A box's stored record (hutch.BoxRecord); record fields newer than this model pass through."""
+
+    model_config = ConfigDict(extra="allow")
 
     id: str
     name: str | None
@@ -109,7 +128,59 @@ class BoxInfo(BaseModel):
     boot_ms: float | None = None
     updated_at: float = 0.0
     revision: int = 0
-    options: BoxOptionsModel
+    options: BoxOptionsInfo
+
+
+# --- snapshots, clones and forks -------------------------------------------------------------
+class SnapshotRequest(_Strict):
+    """``POST /v1/boxes/{box}/snapshot`` (the body is optional)."""
+
+    name: str | None = Field(None, description="A unique snapshot name; none: only an id")
+
+
+class CloneRequest(_Strict):
+    """``POST /v1/boxes/{box}/clone`` (the body is optional)."""
+
+    name: str | None = Field(None, description="The clone's name")
+
+
+class ForkRequest(_Strict):
+    """``POST /v1/boxes/{box}/fork``."""
+
+    n: int = Field(ge=1, le=MAX_FORK, description=f"How many clones (1 to {MAX_FORK})")
+    names: list[str] | None = Field(None, description="n different names, one per clone")
+
+
+class SnapshotInfo(BaseModel):
+    """A snapshot's record (hutch.Snapshot); fields newer than this model pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    name: str | None
+    source_box: str | None = Field(description="the box it was taken of (it may be gone since)")
+    image: str
+    image_id: str | None = None
+    options: BoxOptionsInfo = Field(description="the source box's options (name cleared)")
+    accel: str
+    kernel: str
+    initramfs: str
+    cmdline: str
+    cpus: int
+    memory_mib: int
+    ram_bytes: int = 0
+    disk_bytes: int = 0
+    state_bytes: int = 0
+    size_bytes: int = Field(0, description="ram_bytes + disk_bytes + state_bytes")
+    auto_remove: bool = Field(False, description="removed with its last clone (clone/fork)")
+    created_at: float
+    pool: str | None = None
+    holder_pid: int | None = None
+    holder_start: float | None = None
+    holder_boot: str | None = None
+    users: list[str] = Field(
+        default_factory=list, description="ids of the boxes made from it (they keep it)"
+    )
 
 
 # --- exec -----------------------------------------------------------------------------------
@@ -210,16 +281,21 @@ class PullEventModel(BaseModel):
 __all__ = [
     "BoxCreate",
     "BoxInfo",
+    "BoxOptionsInfo",
     "BoxOptionsModel",
+    "CloneRequest",
     "ErrorBody",
     "ErrorInfo",
     "ExecRequest",
     "ExecResultModel",
+    "ForkRequest",
     "Health",
     "ImageInfo",
     "ImageRemoved",
     "PullEventModel",
     "PullRequest",
+    "SnapshotInfo",
+    "SnapshotRequest",
     "SpawnRequest",
     "Version",
 ]

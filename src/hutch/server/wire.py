@@ -26,6 +26,7 @@ from hutch import errors
 from hutch.errors import BadRequestError, ExecutionError, HutchError
 from hutch.execution import ExecResult
 from hutch.runtime.options import BoxOptions
+from hutch.runtime.snapshots import Snapshot
 from hutch.runtime.store import BoxRecord
 
 #: Bumped when a request or response changes incompatibly.
@@ -42,6 +43,9 @@ MAX_CHUNK = 64 << 10
 MAX_MESSAGE = 1 << 20
 #: The WebSocket close code a server sends when it shuts down (RFC 6455 "service restart").
 CLOSE_SERVER_SHUTDOWN = 1012
+#: Largest HTTP request body the server reads (JSON, ``stdin_b64`` included): 16 MiB. Larger
+#: stdin goes through a WebSocket stream (``spawn``), which is flow controlled.
+MAX_BODY = 16 << 20
 
 
 # --- bytes ----------------------------------------------------------------------------------
@@ -166,6 +170,27 @@ def record_from_json(d: Mapping[str, Any]) -> BoxRecord:
     return BoxRecord(options=BoxOptions.from_json(d.get("options") or {}), **kwargs)
 
 
+# --- snapshots ------------------------------------------------------------------------------
+_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(Snapshot) if f.name != "options")
+
+
+def snapshot_to_json(snap: Snapshot, users: list[str] | None = None) -> dict[str, Any]:
+    """A snapshot's record, plus its derived ``cpus``, ``memory_mib`` and ``size_bytes`` and, if
+    given, ``users`` (ids of the boxes made from it)."""
+    d: dict[str, Any] = {name: getattr(snap, name) for name in _SNAPSHOT_FIELDS}
+    d["options"] = snap.options.to_json()
+    d.update(cpus=snap.cpus, memory_mib=snap.memory_mib, size_bytes=snap.size_bytes)
+    if users is not None:
+        d["users"] = list(users)
+    return d
+
+
+def snapshot_from_json(d: Mapping[str, Any]) -> Snapshot:
+    """A :class:`Snapshot` as the server sent it (derived fields and unknown keys ignored)."""
+    kwargs = {name: d[name] for name in _SNAPSHOT_FIELDS if name in d}
+    return Snapshot(options=BoxOptions.from_json(d.get("options") or {}), **kwargs)
+
+
 def dataclass_from_json(cls: type[Any], d: Mapping[str, Any]) -> Any:
     """A metrics dataclass from JSON; unknown keys (a newer server) are ignored."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -175,6 +200,7 @@ def dataclass_from_json(cls: type[Any], d: Mapping[str, Any]) -> Any:
 __all__ = [
     "API_VERSION",
     "CLOSE_SERVER_SHUTDOWN",
+    "MAX_BODY",
     "MAX_CHUNK",
     "MAX_MESSAGE",
     "STDERR",
@@ -193,5 +219,7 @@ __all__ = [
     "record_to_json",
     "result_from_json",
     "result_to_json",
+    "snapshot_from_json",
+    "snapshot_to_json",
     "wire_class",
 ]

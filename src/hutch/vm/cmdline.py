@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hutch.errors import ConfigError
+
 QEMU_BINARY = "qemu-system-x86_64"
+#: The x86 kernel keeps at most this many bytes of its command line (COMMAND_LINE_SIZE - 1).
+KERNEL_CMDLINE_MAX = 2047
+#: What microvm appends per virtio-mmio device: " virtio_mmio.device=512@0xfeb00e00:12".
+VIRTIO_MMIO_ENTRY = len(" virtio_mmio.device=512@0xfeb00000:12")
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,12 @@ class VmSpec:
     incoming: bool = False
     #: TCG's translation cache (MiB): the code it holds costs host memory per VM.
     tb_size_mib: int = 16
+    #: Volumes (``-fsdev`` + ``virtio-9p-device``, :mod:`hutch.vm.volumes`) and the NIC
+    #: (``-netdev user`` + ``virtio-net-device``, :mod:`hutch.vm.network`).
+    devices: list[str] = field(default_factory=list)
+    #: What QEMU is started through (the volumes' mount namespace: ``unshare … sh -c …``); the
+    #: QEMU command follows it.
+    launcher: list[str] = field(default_factory=list)
 
 
 #: microvm without ACPI/PCI: QEMU appends virtio_mmio.device=… to the kernel command line itself.
@@ -50,7 +63,27 @@ def accel_options(accel: str, tb_size_mib: int = 16) -> list[str]:
     return ["-accel", f"tcg,tb-size={tb_size_mib}", "-cpu", "max,-erms,-fsrm"]
 
 
+def check_kernel_cmdline(cmdline: str, argv: Sequence[str]) -> None:
+    """The guest kernel silently cuts its command line at 2047 bytes, and microvm appends one
+    ``virtio_mmio.device=…`` entry per virtio device: refuse a command line that would not fit
+    (long volume guest paths are what can make it)."""
+    devices = sum(1 for a in argv if a.startswith("virtio-") and "-device" in a.split(",")[0])
+    total = len(cmdline) + devices * VIRTIO_MMIO_ENTRY
+    if total > KERNEL_CMDLINE_MAX:
+        raise ConfigError(
+            f"the guest kernel command line would be {total} bytes, more than the "
+            f"{KERNEL_CMDLINE_MAX} the kernel keeps",
+            hint="Use shorter volume guest paths, or fewer volumes.",
+        )
+
+
 def qemu_command(spec: VmSpec, binary: str = QEMU_BINARY) -> list[str]:
+    argv = _qemu_argv(spec, binary)
+    check_kernel_cmdline(spec.cmdline, argv)
+    return argv
+
+
+def _qemu_argv(spec: VmSpec, binary: str) -> list[str]:
     mem = f"{spec.memory_mib}M"
     # One option and its value per line:
     # fmt: off
@@ -82,6 +115,7 @@ def qemu_command(spec: VmSpec, binary: str = QEMU_BINARY) -> list[str]:
         "-drive", f"file={spec.root_disk},if=none,id=root,format=qcow2,discard=unmap",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-rng-device",
+        *spec.devices,
         "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
         *(["-S", "-incoming", "defer"] if spec.incoming else []),
         *spec.extra_args,

@@ -105,10 +105,14 @@ class QmpSession:
 class QemuProcess:
     """A running QEMU; created by :meth:`start`."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, spec: VmSpec, log_path: Path) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, spec: VmSpec, log_path: Path, log_offset: int = 0
+    ) -> None:
         self._proc = proc
         self.spec = spec
         self.log_path = log_path
+        #: Where this QEMU's output starts in ``log_path`` (earlier runs appended before it).
+        self.log_offset = log_offset
         self.pid = proc.pid
 
     @classmethod
@@ -131,12 +135,13 @@ class QemuProcess:
                 hint="Run `hutch setup` (installs qemu-system-x86), or `apt-get install qemu-system-x86`.",
             )
         setpriv = shutil.which("setpriv")
-        argv = qemu_command(spec, qemu)
+        argv = [*spec.launcher, *qemu_command(spec, qemu)]
         if setpriv is not None:
             argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         else:  # pragma: no cover - util-linux is essential on Debian
             log.warning("setpriv not found: QEMU may outlive a killed owner process")
         with log_path.open("ab") as out:
+            log_offset = out.tell()
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv,
@@ -149,7 +154,7 @@ class QemuProcess:
             except OSError as e:
                 raise EngineError(f"could not start QEMU: {e}") from e
         log.debug("started qemu pid %d: %s", proc.pid, " ".join(argv))
-        return cls(proc, spec, log_path)
+        return cls(proc, spec, log_path, log_offset)
 
     @property
     def returncode(self) -> int | None:

@@ -9,7 +9,9 @@
  *   - PID 1 (getpid() == 1): boot_pid1() mounts /proc, /sys, /dev, mounts the root disk named by
  *     hutch.root= on /newroot, switches root into it (growing it to the disk with hutch.grow=1),
  *     mounts /dev/pts, /dev/shm and /run, sets the
- *     hostname and brings up lo; then open_virtio_portal() finds the port. Anything fatal reboots
+ *     hostname and brings up lo, mounts the box's volumes (hutch.vol=, virtio-9p) and configures
+ *     its NIC (hutch.net=); then open_virtio_portal() finds the port. What failed there is
+ *     reported to the host in HELLO (SETUP_ERROR), so the host can fail the start. Anything fatal reboots
  *     (exiting PID 1 would panic the kernel). The host may disconnect and reconnect the port; the
  *     agent then waits (polling every 50 ms, never spinning) and greets the new host with HELLO.
  *   - Test mode (`hutch-agent --portal-socket PATH`): connects to a Unix socket and serves the same
@@ -38,7 +40,8 @@
  */
 #define AGENT_VERSION "0.1.0"
 #define PROTOCOL_VERSION 1
-#define PROTOCOL_MINOR 1   /* 1.1: FREEZE/FROZEN/THAW/RESTORE (snapshots and clones) */
+#define PROTOCOL_MINOR 2   /* 1.1: FREEZE/FROZEN/THAW/RESTORE (snapshots and clones);
+                              1.2: volumes and network at boot, SETUP_ERROR in HELLO */
 
 #include <dirent.h>
 #include <errno.h>
@@ -46,7 +49,10 @@
 #include <grp.h>
 #include <limits.h>
 #include <linux/random.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -87,7 +93,7 @@ enum { T_HELLO = 0x01, T_PING = 0x02, T_PONG = 0x03, T_SHUTDOWN = 0x04, T_FREEZE
        T_STDERR = 0x42, T_EXIT = 0x43, T_SPAWN_FAILED = 0x44 };
 
 enum { TAG_VERSION = 1, TAG_AGENT = 2, TAG_KERNEL = 3, TAG_BOOT_START_US = 4,
-       TAG_BOOT_READY_US = 5, TAG_MINOR = 6, TAG_NONCE = 7, TAG_ARG = 16, TAG_ENV = 17, TAG_CWD = 18, TAG_USER = 19,
+       TAG_BOOT_READY_US = 5, TAG_MINOR = 6, TAG_NONCE = 7, TAG_SETUP_ERROR = 8, TAG_ARG = 16, TAG_ENV = 17, TAG_CWD = 18, TAG_USER = 19,
        TAG_TIMEOUT_MS = 20, TAG_STDIN = 21, TAG_SIGNAL = 32, TAG_GROUP = 33, TAG_FD = 34,
        TAG_BYTES = 35, TAG_PID = 48, TAG_EXIT_CODE = 49, TAG_TIMED_OUT = 50,
        TAG_DURATION_US = 51, TAG_ERRNO = 52, TAG_KIND = 53, TAG_MESSAGE = 54,
@@ -108,6 +114,10 @@ enum { TAG_VERSION = 1, TAG_AGENT = 2, TAG_KERNEL = 3, TAG_BOOT_START_US = 4,
 #define OUTQ_MAX (64u << 20)              /* never reached given the two bounds above */
 #define STDOUT_PIPE_SIZE (256 << 10)      /* fewer wake-ups for bulk output */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#define MAX_VOLS 16                       /* volumes per box (host: options.MAX_VOLUMES) */
+#define MAX_SETUP_ERRORS 8                /* boot problems reported in HELLO */
+#define VOL_MSIZE "512000"                /* 9p message size: the most virtio takes on 6.1 */
+#define VOL_STAGE "/run/hutch/vol"        /* single-file volumes are mounted here first */
 
 static struct {
     bool pid1, debug;
@@ -147,6 +157,24 @@ __attribute__((format(printf, 1, 2))) static void logmsg(const char *fmt, ...)
 }
 
 #define dbg(...) do { if (g.debug) logmsg(__VA_ARGS__); } while (0)
+
+/* Boot problems (a volume that could not be mounted, a NIC that could not be configured): logged
+ * on the console and sent in every HELLO, so the host can fail the start with the reason. */
+static char setup_errors[MAX_SETUP_ERRORS][256];
+static int n_setup_errors;
+
+__attribute__((format(printf, 1, 2))) static void setup_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vlog(fmt, ap);
+    va_end(ap);
+    if (n_setup_errors == MAX_SETUP_ERRORS)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(setup_errors[n_setup_errors++], sizeof setup_errors[0], fmt, ap);
+    va_end(ap);
+}
 
 /* Reset the machine (PID 1 only). Never returns. */
 static _Noreturn void hard_reboot(void)
@@ -328,6 +356,8 @@ static void send_hello(const uint8_t *nonce)
     tlv_str(&t, TAG_KERNEL, uname(&u) == 0 ? u.release : "unknown");
     tlv_u64(&t, TAG_BOOT_START_US, g.boot_start_us);
     tlv_u64(&t, TAG_BOOT_READY_US, clock_us(CLOCK_BOOTTIME));
+    for (int i = 0; i < n_setup_errors; i++)
+        tlv_str(&t, TAG_SETUP_ERROR, setup_errors[i]);
     send_frame(T_HELLO, 0, t.buf, t.len);
 }
 
@@ -1462,11 +1492,75 @@ static void mount_or_log(const char *src, const char *dst, const char *type, uns
         logmsg("mount %s on %s: %m", type, dst);
 }
 
-struct bootcfg { char root[256], fstype[64], hostname[HOST_NAME_MAX + 1]; bool probe, grow; };
+/* One volume from hutch.vol=TAG/ENTRY:ro|rw:d|f:PATH (PATH percent-encoded; hutch/vm/volumes.py):
+ * ENTRY of the 9p export TAG goes to PATH. */
+struct volcfg { char tag[32], entry[16], path[PATH_MAX]; bool ro, file; };
+
+struct bootcfg {
+    char root[256], fstype[64], hostname[HOST_NAME_MAX + 1];
+    bool probe, grow;
+    char net[128];                 /* hutch.net=ADDR/PREFIX[,GATEWAY[,DNS]] */
+    int nvols;
+    struct volcfg vols[MAX_VOLS];
+};
+
+/* %XX-decode src into dst (size n); false for a bad escape, a NUL byte or no room. */
+static bool pct_decode(const char *src, char *dst, size_t n)
+{
+    size_t j = 0;
+    for (const char *p = src; *p; p++) {
+        unsigned v = (unsigned char)*p;
+        if (*p == '%') {
+            char hex[3] = { p[1], p[1] ? p[2] : 0, 0 }, *end;
+            if (!hex[0] || !hex[1])
+                return false;
+            v = (unsigned)strtoul(hex, &end, 16);
+            if (*end || v == 0)
+                return false;
+            p += 2;
+        }
+        if (j + 1 >= n)
+            return false;
+        dst[j++] = (char)v;
+    }
+    dst[j] = 0;
+    return true;
+}
+
+static void parse_vol(struct bootcfg *cfg, const char *spec)
+{
+    char buf[PATH_MAX + 64], *f[4], *save = NULL;
+    snprintf(buf, sizeof buf, "%s", spec);
+    f[0] = strtok_r(buf, ":", &save);
+    for (int i = 1; i < 4; i++)
+        f[i] = f[i - 1] ? strtok_r(NULL, i == 3 ? "" : ":", &save) : NULL;
+    if (cfg->nvols == MAX_VOLS) {
+        setup_error("volume %s: more than %d volumes", spec, MAX_VOLS);
+        return;
+    }
+    struct volcfg *v = &cfg->vols[cfg->nvols];
+    char *entry = f[0] ? strchr(f[0], '/') : NULL;
+    if (entry)
+        *entry++ = 0;
+    if (!f[3] || !entry || !*f[0] || strlen(f[0]) >= sizeof v->tag || !*entry ||
+        strlen(entry) >= sizeof v->entry || strspn(entry, "0123456789") != strlen(entry) ||
+        strchr(f[0], '.') || (strcmp(f[1], "ro") && strcmp(f[1], "rw")) ||
+        (strcmp(f[2], "d") && strcmp(f[2], "f")) || !pct_decode(f[3], v->path, sizeof v->path) ||
+        v->path[0] != '/') {
+        setup_error("volume: malformed hutch.vol=%s", spec);
+        return;
+    }
+    snprintf(v->tag, sizeof v->tag, "%s", f[0]);
+    snprintf(v->entry, sizeof v->entry, "%s", entry);
+    v->ro = !strcmp(f[1], "ro");
+    v->file = !strcmp(f[2], "f");
+    cfg->nvols++;
+}
 
 static void parse_cmdline(struct bootcfg *cfg)
 {
-    char buf[4096], *save = NULL;
+    static char buf[8192];   /* the kernel keeps at most 2048 bytes; volumes may use most */
+    char *save = NULL;
     int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
     ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
     if (fd >= 0)
@@ -1483,6 +1577,10 @@ static void parse_cmdline(struct bootcfg *cfg)
             cfg->probe = true;
         else if (!strcmp(tok, "hutch.grow=1"))
             cfg->grow = true;
+        else if (!strncmp(tok, "hutch.vol=", 10))
+            parse_vol(cfg, tok + 10);
+        else if (!strncmp(tok, "hutch.net=", 10))
+            snprintf(cfg->net, sizeof cfg->net, "%s", tok + 10);
         else if (!strcmp(tok, "hutch.debug=1"))
             g.debug = true;
     }
@@ -1514,9 +1612,212 @@ static void grow_root(const char *dev)
         close(root);
 }
 
+/* mkdir -p (in the guest's own root: its symlinks are its business). 0, or -1 with errno. */
+static int mkdir_p(const char *path, mode_t mode)
+{
+    char buf[PATH_MAX];
+    struct stat st;
+    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    for (char *p = buf + 1;; p++) {
+        if (*p != '/' && *p)
+            continue;
+        char c = *p;
+        *p = 0;
+        if (mkdir(buf, mode) < 0 && errno != EEXIST)
+            return -1;
+        if (stat(buf, &st) < 0)
+            return -1;
+        if (!S_ISDIR(st.st_mode)) {
+            errno = ENOTDIR;
+            return -1;
+        }
+        if (!c)
+            return 0;
+        *p = c;
+    }
+}
+
+/* Mount the 9p export `tag` on VOL_STAGE/tag once (read-only exports read-only); 0 or -1. */
+static int mount_export(const char *tag, bool ro, char *stage, size_t n)
+{
+    static const char opts[] = "trans=virtio,version=9p2000.L,msize=" VOL_MSIZE;
+    struct stat st, parent;
+    char probe[PATH_MAX + 8];
+    snprintf(stage, n, VOL_STAGE "/%s", tag);
+    snprintf(probe, sizeof probe, "%s/..", stage);
+    if (stat(stage, &st) == 0 && stat(probe, &parent) == 0 && parent.st_dev != st.st_dev)
+        return 0;   /* mounted for an earlier volume */
+    if (mkdir_p(stage, 0700) < 0 ||
+        mount(tag, stage, "9p", MS_NODEV | (ro ? MS_RDONLY : 0), opts) < 0)
+        return -1;
+    return 0;
+}
+
+/* Mount one volume (hutch/vm/volumes.py): bind entry `entry` of its export over its path, after
+ * making the path (mkdir -p, or an empty file for a single-file volume). */
+static void mount_volume(const struct volcfg *v)
+{
+    char stage[PATH_MAX], src[PATH_MAX + 32], parent[PATH_MAX];
+    struct stat st;
+
+    if (mount_export(v->tag, v->ro, stage, sizeof stage) < 0) {
+        setup_error("volume %s: mounting 9p export %s: %m", v->path, v->tag);
+        return;
+    }
+    snprintf(src, sizeof src, "%s/%s", stage, v->entry);
+    if (!v->file) {
+        if (mkdir_p(v->path, 0755) < 0) {
+            setup_error("volume %s: creating the mount point: %m", v->path);
+            return;
+        }
+    } else {
+        snprintf(parent, sizeof parent, "%s", v->path);
+        char *slash = strrchr(parent, '/');
+        if (slash && slash != parent)
+            *slash = 0;
+        else
+            snprintf(parent, sizeof parent, "/");
+        if (mkdir_p(parent, 0755) < 0) {
+            setup_error("volume %s: creating its folder: %m", v->path);
+            return;
+        }
+        if (stat(v->path, &st) == 0) {
+            if (S_ISDIR(st.st_mode)) {
+                setup_error("volume %s: the host path is a file, but this is a folder in the "
+                            "image", v->path);
+                return;
+            }
+        } else {
+            int fd = open(v->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY, 0644);
+            if (fd < 0) {
+                setup_error("volume %s: creating the mount point: %m", v->path);
+                return;
+            }
+            close(fd);
+        }
+    }
+    if (mount(src, v->path, NULL, MS_BIND, NULL) < 0)
+        setup_error("volume %s: mounting: %m", v->path);
+    else if (v->ro && mount(NULL, v->path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NODEV,
+                            NULL) < 0)
+        setup_error("volume %s: making it read-only: %m", v->path);
+}
+
+/* After the volumes: only their bind mounts stay visible (they keep the 9p mounts alive). */
+static void detach_exports(const struct bootcfg *cfg)
+{
+    char stage[PATH_MAX];
+    for (int i = 0; i < cfg->nvols; i++) {
+        snprintf(stage, sizeof stage, VOL_STAGE "/%s", cfg->vols[i].tag);
+        if (umount2(stage, MNT_DETACH) == 0)
+            rmdir(stage);
+    }
+    rmdir(VOL_STAGE);
+    rmdir("/run/hutch");
+}
+
+/* A sockaddr_in for ioctl requests. */
+static struct sockaddr ipv4(in_addr_t a)
+{
+    struct sockaddr sa;
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = a };
+    memset(&sa, 0, sizeof sa);
+    memcpy(&sa, &sin, sizeof sin);
+    return sa;
+}
+
+/* /etc/resolv.conf with the NAT's DNS, unless the image has one of its own (a non-empty file,
+ * or a symlink: the image's choice is kept). */
+static void write_resolv_conf(const char *dns)
+{
+    struct stat st;
+    if (lstat("/etc/resolv.conf", &st) == 0 && !(S_ISREG(st.st_mode) && st.st_size == 0))
+        return;
+    char text[64];
+    int n = snprintf(text, sizeof text, "nameserver %s\n", dns);
+    mkdir_quiet("/etc", 0755);
+    int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0 || write(fd, text, (size_t)n) != n)
+        setup_error("network: writing /etc/resolv.conf: %m");
+    if (fd >= 0)
+        close(fd);
+}
+
+/* hutch.net=ADDR/PREFIX[,GATEWAY[,DNS]] (hutch/vm/network.py): configure the one NIC, eth0. */
+static void setup_network(const char *spec)
+{
+    char buf[128], *save = NULL, *addr, *gw, *dns, *slash;
+    snprintf(buf, sizeof buf, "%s", spec);
+    addr = strtok_r(buf, ",", &save);
+    gw = strtok_r(NULL, ",", &save);
+    dns = strtok_r(NULL, ",", &save);
+    slash = addr ? strchr(addr, '/') : NULL;
+    struct in_addr a, g_addr, d;
+    long prefix = slash ? strtol(slash + 1, NULL, 10) : -1;
+    if (slash)
+        *slash = 0;
+    if (!addr || inet_pton(AF_INET, addr, &a) != 1 || prefix < 1 || prefix > 30 ||
+        (gw && inet_pton(AF_INET, gw, &g_addr) != 1) || (dns && inet_pton(AF_INET, dns, &d) != 1)) {
+        setup_error("network: malformed hutch.net=%s", spec);
+        return;
+    }
+    struct ifreq ifr = { 0 };
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "eth0");
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) {
+        setup_error("network: socket: %m");
+        return;
+    }
+    /* The virtio-net driver probes before init runs; allow it a moment anyway. */
+    uint64_t until = mono_us() + 1000000u;
+    while (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) {
+        if (errno != ENODEV || mono_us() >= until) {
+            setup_error("network: no eth0: %m");
+            close(s);
+            return;
+        }
+        sleep_ms(10);
+    }
+    short flags = ifr.ifr_flags;
+    ifr.ifr_addr = ipv4(a.s_addr);
+    if (ioctl(s, SIOCSIFADDR, &ifr) < 0) {
+        setup_error("network: setting eth0's address %s: %m", addr);
+        goto out;
+    }
+    ifr.ifr_netmask = ipv4(htonl(0xffffffffu << (32 - prefix)));
+    if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0) {
+        setup_error("network: setting eth0's netmask /%ld: %m", prefix);
+        goto out;
+    }
+    ifr.ifr_flags = flags | IFF_UP | IFF_RUNNING;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) {
+        setup_error("network: bringing up eth0: %m");
+        goto out;
+    }
+    if (gw) {
+        struct rtentry rt;
+        memset(&rt, 0, sizeof rt);
+        rt.rt_dst = ipv4(INADDR_ANY);
+        rt.rt_genmask = ipv4(INADDR_ANY);
+        rt.rt_gateway = ipv4(g_addr.s_addr);
+        rt.rt_flags = RTF_UP | RTF_GATEWAY;
+        rt.rt_dev = ifr.ifr_name;
+        if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST)
+            setup_error("network: default route via %s: %m", gw);
+    }
+    if (dns)
+        write_resolv_conf(dns);
+    dbg("eth0: %s/%ld gateway %s dns %s", addr, prefix, gw ? gw : "-", dns ? dns : "-");
+out:
+    close(s);
+}
+
 static void boot_pid1(void)
 {
-    struct bootcfg cfg = { "/dev/vda", "ext4", "hutch", false, false };
+    static struct bootcfg cfg = { .root = "/dev/vda", .fstype = "ext4", .hostname = "hutch" };
     unsigned long nfl = MS_NOSUID | MS_NODEV | MS_NOEXEC;
 
     umask(022);
@@ -1590,6 +1891,13 @@ static void boot_pid1(void)
     }
     if (s >= 0)
         close(s);
+
+    for (int i = 0; i < cfg.nvols; i++)   /* the host ordered them: parents first */
+        mount_volume(&cfg.vols[i]);
+    if (cfg.nvols)
+        detach_exports(&cfg);
+    if (cfg.net[0])
+        setup_network(cfg.net);
 }
 
 /* PID 1: find the virtio-serial port named hutch.portal and open it. */
