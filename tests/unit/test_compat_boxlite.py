@@ -38,6 +38,8 @@ def test_boxlite_options_become_native_options(tmp_path: Path) -> None:
         (0, 53, "udp"),
     ]
     assert boxlite.BoxOptions().to_native().image == "busybox"
+    assert boxlite.BoxOptions().to_native().network == "none"
+    assert boxlite.BoxOptions(network=boxlite.NetworkSpec()).to_native().network == "outbound"
     assert boxlite.BoxOptions(auto_remove=False).to_native().auto_remove is False
 
 
@@ -47,7 +49,7 @@ def test_boxlite_options_become_native_options(tmp_path: Path) -> None:
         ({"rootfs_path": "/srv/rootfs"}, "rootfs_path"),
         ({"cmd": ["sleep", "1"]}, "cmd"),
         ({"detach": True}, "detach"),
-        ({"network": boxlite.NetworkSpec(mode="enabled")}, "network"),
+        ({"network": boxlite.NetworkSpec(allow_net=["10.0.0.0/8"])}, "allow_net"),
         ({"volumes": [("/a", "/b", "ro")]}, "read_only"),
         ({"volumes": ["/a:/b"]}, r"volumes\[0\]"),
         ({"ports": [(0, 70000)]}, r"ports\[0\].guest"),
@@ -107,4 +109,5 @@ async def test_boxlite_info_is_awaitable() -> None:
         "id", None, boxlite.BoxStateInfo("running", True, 1), None, None, "busybox", 1, 256
     )
     assert (await info) is info
+    assert info.status == info.state.status == "running"
     await asyncio.sleep(0)

@@ -37,9 +37,9 @@ def test_smolvm_exec_result() -> None:
     assert smolvm.ExecResult.from_native(killed).exit_code == 137
 
 
-def test_smolvm_config_refuses_what_hutch_cannot_do() -> None:
-    with pytest.raises(smolvm.BadRequestError, match="network"):
-        smolvm.MachineConfig(name="n", network=True).to_native()
+def test_smolvm_config_becomes_native_options() -> None:
+    assert smolvm.MachineConfig(name="n", network=True).to_native().network == "outbound"
+    assert smolvm.MachineConfig(name="n").to_native().network == "none"
     with pytest.raises(smolvm.BadRequestError, match="name"):
         smolvm.MachineConfig(name="Bad Name").to_native()
     opts = smolvm.MachineConfig(

@@ -19,7 +19,7 @@ Programs written against the BoxLite Python SDK's documented API run with only t
   non-zero exit never raises — :class:`ExecError` is for programs to raise, as BoxLite documents.
 
 Not available (a :class:`ConfigError` says so): ``rootfs_path``, ``entrypoint``/``cmd``,
-``secrets``, ``detach``, ``tty``, enabled networking, and BoxLite's sync (greenlet) API — use
+``secrets``, ``detach``, ``tty``, ``allow_net`` egress lists, and BoxLite's sync (greenlet) API — use
 :mod:`hutch.sync` for blocking code.
 """
 
@@ -212,10 +212,13 @@ class BoxOptions:
         ):
             if value:
                 raise _unsupported(what, "Pass the command to exec(), values in env.")
+        network = "none"
         if self.network is not None and self.network.mode != "disabled":
-            raise _unsupported(
-                "an enabled network", "Boxes have no network yet; use NetworkSpec(mode='disabled')."
-            )
+            if self.network.allow_net:
+                raise _unsupported(
+                    "allow_net", "Egress allow-lists are planned; use NetworkSpec(mode='enabled')."
+                )
+            network = "outbound"
         native: dict[str, Any] = {
             "image": self.image or "busybox",
             "name": name,
@@ -223,6 +226,7 @@ class BoxOptions:
             "workdir": self.working_dir,
             "user": self.user,
             "auto_remove": True if self.auto_remove is None else self.auto_remove,
+            "network": network,
             "volumes": [_volume(v, i) for i, v in enumerate(self.volumes)],
             "ports": [_port(p, i) for i, p in enumerate(self.ports)],
         }
@@ -305,6 +309,11 @@ class BoxInfo:
     image: str
     cpus: int
     memory_mib: int
+
+    @property
+    def status(self) -> str:
+        """``info.status`` (older BoxLite) = ``info.state.status``."""
+        return self.state.status
 
     def __await__(self) -> Generator[Any, None, BoxInfo]:
         if False:  # a generator that returns at once

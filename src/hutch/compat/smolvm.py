@@ -16,8 +16,8 @@ Programs written against the smolvm Python SDK's documented API run with only th
 - Errors: :class:`SmolvmError` and its subclasses (each also the matching hutch class);
   :class:`ExecutionError` comes only from ``assert_success()``.
 
-Not available (a :class:`BadRequestError` says so): mounts, ports, enabled networking, forks
-(``fork``/``branch`` — planned with snapshots), and logs.
+``mounts`` become volumes, ``ports`` published TCP ports, ``network=True`` the ``outbound``
+network. Not available yet: ``fork``/``branch`` (hutch has ``Box.fork``) and logs.
 """
 
 from __future__ import annotations
@@ -134,15 +134,13 @@ class MachineConfig:
     forkable: bool = False
 
     def to_native(self) -> hutch.BoxOptions:
-        if self.network or (self.resources is not None and self.resources.network):
-            raise BadRequestError(
-                "network=True is not supported by hutch's smolvm facade yet",
-                hint="Boxes have no network yet; leave network off.",
-            )
         res = self.resources or ResourceSpec()
         native: dict[str, Any] = {
             "image": self.image or "busybox",
             "name": self.name,
+            "network": "outbound"
+            if self.network or (self.resources is not None and self.resources.network)
+            else "none",
             "volumes": [
                 hutch.Volume(host_path=m.source, guest_path=m.target, read_only=m.readonly)
                 for m in self.mounts
@@ -295,13 +293,17 @@ class Machine:
     async def status(self) -> MachineInfo:
         rt = await _runtime(self.config.server_url)
         box = await rt.get(self.name)
-        res = ResourceSpec(cpus=box.options.cpus, memory_mb=box.options.memory_mib, network=False)
+        outbound = getattr(box.options, "network", "none") == "outbound"
+        res = ResourceSpec(
+            cpus=box.options.cpus, memory_mb=box.options.memory_mib, network=outbound
+        )
         self.info = MachineInfo(
             name=self.name,
             state=_machine_state(box.state),
             mounts=list(self.config.mounts),
             ports=list(self.config.ports),
             resources=res,
+            network=outbound,
             pid=getattr(box, "qemu_pid", None),
         )
         return self.info
