@@ -14,6 +14,7 @@ from hutch.errors import (
     ConnectionError,
     EngineError,
     ExecutionError,
+    GuestPermissionError,
     HutchError,
     ImageError,
     InternalError,
@@ -30,6 +31,7 @@ from hutch.errors import (
     UnsupportedEngineError,
 )
 from hutch.execution import ExecResult, Execution
+from hutch.files import FileInfo, Files, TransferReport
 from hutch.runtime.options import BoxOptions, Port, Volume
 from hutch.runtime.pool import PoolSpec, PoolStatus
 from hutch.runtime.runtime import Runtime
@@ -51,6 +53,9 @@ __all__ = [
     "ExecResult",
     "Execution",
     "ExecutionError",
+    "FileInfo",
+    "Files",
+    "GuestPermissionError",
     "HutchError",
     "ImageError",
     "InternalError",
@@ -68,6 +73,7 @@ __all__ = [
     "Snapshot",
     "StorageError",
     "TimeoutError",
+    "TransferReport",
     "UnauthorizedError",
     "UnsupportedEngineError",
     "Volume",

@@ -39,6 +39,7 @@ from hutch.errors import (
     TimeoutError,
 )
 from hutch.execution import DEFAULT_MAX_OUTPUT, ExecResult, Execution
+from hutch.files import Files
 from hutch.guest.kernel import kernel_cmdline
 from hutch.images.pull import ensure_image
 from hutch.images.store import BOX_IMAGE_FILE, ImageRecord
@@ -765,6 +766,12 @@ class Box:
                 hint="Call `await box.start()` first (or use `async with Box(...)`).",
             )
         return self._channel
+
+    @property
+    def files(self) -> Files:
+        """File access in the running guest: read/write/list/stat/mkdir/remove/chmod and tree
+        upload/download (:class:`hutch.files.Files`)."""
+        return Files(self)
 
     def default_command(self) -> list[str]:
         """The image's Entrypoint + Cmd (what ``exec()`` with no command runs)."""

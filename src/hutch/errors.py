@@ -62,6 +62,13 @@ class ConfigError(BadRequestError):
     default_hint = "Fix the option or config.toml key the message names."
 
 
+class GuestPermissionError(BadRequestError):
+    """The guest refused a file operation (``EACCES``/``EPERM``/``EROFS``)."""
+
+    http_status = 403
+    default_hint = "Check the guest path's owner and mode, and whether it is on a read-only volume."
+
+
 class UnauthorizedError(HutchError):
     http_status = 401
     default_hint = (

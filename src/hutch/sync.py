@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from hutch import box as _box
 from hutch import codebox as _codebox
 from hutch import execution as _execution
+from hutch import files as _files
 from hutch.client import execution as _client_execution
 from hutch.client import runtime as _client_runtime
 from hutch.errors import InvalidStateError
@@ -71,6 +72,7 @@ _WRAPPED: tuple[type, ...] = (
     _execution.Execution,
     _execution.OutputStream,
     _execution.InputStream,
+    _files.Files,
 )
 
 

@@ -239,3 +239,35 @@ async def test_run_is_ephemeral(any_runtime: Any) -> None:
     r = await any_runtime.run("busybox", "sh", "-c", "echo $X", env={"X": "ran"})
     assert isinstance(r, hutch.ExecResult) and (r.exit_code, r.stdout) == (0, "ran\n")
     assert {r.id for r in await any_runtime.list()} == before
+
+
+# --- warm pools -----------------------------------------------------------------------------
+async def test_warm_pool(any_runtime: Any) -> None:
+    """configure_pool / pool_status / wait_pool / a pooled create, the same on both runtimes.
+    An odd memory size keeps the pool's machine apart from every other test's busybox boxes (the
+    remote home is shared: their creates must not come out of this pool)."""
+    rt = any_runtime
+    mem = 200
+    try:
+        status = await rt.configure_pool("busybox", memory_mib=mem, size=1)
+        assert isinstance(status, hutch.PoolStatus)
+        assert (status.cpus, status.memory_mib, status.size) == (1, mem, 1)
+        assert status.image == "busybox"
+        with pytest.raises(hutch.ConfigError, match="size"):
+            await rt.configure_pool("busybox", memory_mib=mem, size=-1)
+        await rt.wait_pool(180)
+        [p] = [p for p in await rt.pool_status() if p.memory_mib == mem]
+        assert (p.size, p.ready) == (1, 1) and p.snapshot_id
+        box = await rt.create(image="busybox", memory_mib=mem, name="parity-pooled")
+        try:
+            assert box.state == "running"  # handed out already running
+            r = await box.exec("hostname")
+            assert r.stdout == "parity-pooled\n"
+        finally:
+            await rt.remove(box.id, force=True)
+        [p] = [p for p in await rt.pool_status() if p.memory_mib == mem]
+        assert p.handed_out == 1
+    finally:
+        gone = await rt.configure_pool("busybox", memory_mib=mem, size=0)
+        assert gone.size == 0
+    assert [p for p in await rt.pool_status() if p.memory_mib == mem] == []

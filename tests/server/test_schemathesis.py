@@ -22,6 +22,9 @@ and negative inputs), with these bounds, so the run is short and can neither han
   ``…/clone`` and ``…/fork``: the only running box is ``fuzz``, so they never freeze RAM or
   restore VMs (generated bodies still meet their validation; boxes the run creates are never
   started, so those answer 409).
+* ``PUT /v1/pools`` is sent with ``"size": 0`` whenever a positive size was generated (other
+  fields and mistyped sizes kept, for their 400s): a pool of size 0 is removed, never filled, so
+  no seed box boots and no image is pulled; ``POST /v1/pools/wait`` then has no pool to wait for.
 * At most :data:`EXAMPLES` fuzzed examples per operation, with a fixed seed (set
   ``HUTCH_SCHEMATHESIS_EXAMPLES`` / ``HUTCH_SCHEMATHESIS_SEED`` to explore further); no example
   database is written.
@@ -108,6 +111,10 @@ def bound(case: Any, box_id: str) -> None:
     body = case.body if isinstance(case.body, dict) else None
     if (method, path) == ("POST", "/v1/boxes") and body is not None and "start" in body:
         body["start"] = False
+    if (method, path) == ("PUT", "/v1/pools") and body is not None:
+        size = body.get("size", 1)
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            body["size"] = 0  # validated as generated, but never a pool that boots VMs
     params = case.path_parameters
     if params is None or "id_or_name" not in params:
         return

@@ -210,6 +210,8 @@ def test_openapi_lists_the_endpoints(unix_server: ServerProcess) -> None:
         "/v1/boxes/{id_or_name}/fork": {"post"},
         "/v1/snapshots": {"get"},
         "/v1/snapshots/{id_or_name}": {"get", "delete"},
+        "/v1/pools": {"get", "put"},
+        "/v1/pools/wait": {"post"},
     }
     for path, methods in expected.items():
         assert path in paths, path
@@ -218,6 +220,8 @@ def test_openapi_lists_the_endpoints(unix_server: ServerProcess) -> None:
     for name in ("BoxCreate", "BoxInfo", "ErrorBody", "ExecRequest", "ExecResultModel"):
         assert name in schemas
     for name in ("SnapshotInfo", "SnapshotRequest", "CloneRequest", "ForkRequest"):
+        assert name in schemas
+    for name in ("PoolRequest", "PoolStatusModel"):
         assert name in schemas
     assert "snapshot" in schemas["BoxCreate"]["properties"]
     create = paths["/v1/boxes"]["post"]
@@ -254,6 +258,56 @@ async def test_snapshot_errors_over_http(unix_server: ServerProcess) -> None:
             await rt.create(snapshot="no-such-snap")
         with pytest.raises(hutch.NotFoundError, match="no-such-snap"):
             await rt.remove_snapshot("no-such-snap")
+
+
+async def test_pool_errors_over_http(unix_server: ServerProcess) -> None:
+    """The pool endpoints' error answers and a no-op (no guest needed: nothing is configured)."""
+    with unix_server.http() as c:
+        assert isinstance(c.get("/v1/pools").json(), list)
+        for body, type_ in (
+            ({"image": "busybox", "size": 65}, "ConfigError"),
+            ({"image": "busybox", "size": -1}, "ConfigError"),
+            ({"image": "busybox", "cpus": 0}, "ConfigError"),
+            ({"image": "busybox", "sise": 1}, "BadRequestError"),
+            ({"image": "busybox", "size": "2"}, "BadRequestError"),
+        ):
+            assert_error(c.put("/v1/pools", json=body), 400, type_)
+        # size 0 of a pool that does not exist: nothing to drain, no error
+        r = c.put("/v1/pools", json={"image": "busybox", "memory_mib": 208, "size": 0})
+        assert r.status_code == 200 and r.json()["size"] == 0
+        assert c.post("/v1/pools/wait", params={"timeout": 1}).status_code == 204
+        assert_error(c.post("/v1/pools/wait", params={"timeout": 0}), 400, "BadRequestError")
+    async with connect(unix_server.url) as rt:
+        with pytest.raises(hutch.ConfigError, match="size"):
+            await rt.configure_pool("busybox", size=65)
+        assert all(p.memory_mib != 208 for p in await rt.pool_status())
+        await rt.wait_pool(1)
+
+
+def test_prometheus_pool_families() -> None:
+    from hutch.runtime.metrics import RuntimeMetrics
+    from hutch.server.app import prometheus_text
+
+    m = RuntimeMetrics(1, 0, 1, 2, 0)
+    assert "hutch_pool" not in prometheus_text(m)
+    p = hutch.PoolStatus("docker.io/library/busybox:latest", 1, 256, "auto", 2, 1, 1, handed_out=3)
+    text = prometheus_text(m, [p])
+    labels = 'image="docker.io/library/busybox:latest",cpus="1",memory_mib="256",accel="auto"'
+    assert f"hutch_pool_ready{{{labels}}} 1\n" in text
+    assert f"hutch_pool_handed_out_total{{{labels}}} 3\n" in text
+    assert "# TYPE hutch_pool_handed_out_total counter" in text
+
+
+def test_parse_pool_option() -> None:
+    from hutch.cli.serve import parse_pool
+
+    assert (parse_pool("busybox=2").image, parse_pool("busybox=2").size) == ("busybox", 2)
+    spec = parse_pool("alpine:3.20:2:512=1")
+    assert (spec.image, spec.cpus, spec.memory_mib, spec.size) == ("alpine:3.20", 2, 512, 1)
+    assert parse_pool("alpine:3.20=3").image == "alpine:3.20"
+    for bad in ("busybox", "busybox=x", "=2", "busybox=99"):
+        with pytest.raises(hutch.ConfigError, match="--pool"):
+            parse_pool(bad)
 
 
 @pytest.mark.vm

@@ -21,7 +21,7 @@ def test_every_error_has_a_hint_a_status_and_a_readme_row() -> None:
     table = errors.status_table()
     assert set(table) == {c.__name__ for c in classes}
     for cls in classes:
-        assert cls.http_status in {400, 401, 404, 408, 409, 500, 503}, cls
+        assert cls.http_status in {400, 401, 403, 404, 408, 409, 500, 503}, cls
         if cls is errors.HutchError:
             continue
         if cls is errors.ExecutionError:

@@ -163,3 +163,48 @@ def test_snapshot_clone_and_rmsnap_across_processes(home: Path) -> None:
     # the clone's snapshot goes with the clone
     assert cli("stop", "twin")[0] == 0 and cli("rm", "twin")[0] == 0
     assert json.loads(cli("snapshots", "--json")[1]) == []
+
+
+def test_pool_status_and_set_across_processes(home: Path) -> None:
+    env = {"HUTCH_HOME": str(home)}
+
+    def cli(*args: str, **kw: object) -> tuple[int, str, str]:
+        p = hutch_cli(*args, env_extra=env, **kw)  # type: ignore[arg-type]
+        return p.returncode, p.stdout.decode(), p.stderr.decode()
+
+    # No server: status says so and starts none.
+    code, out, _ = cli("pool")
+    assert code == 0 and "no hutch server answers" in out
+    assert json.loads(cli("pool", "--json")[1]) == []
+    assert servers_of(home) == []
+    code, _, err = cli("pool", "set", "busybox", "--size", "65")
+    assert code != 0 and "--size" in err
+    assert servers_of(home) == []
+
+    # set: through a server started on demand; --wait until the pool is full
+    code, out, err = cli("pool", "set", "busybox", "--size", "1", "--memory", "224", "--wait")
+    assert code == 0, err
+    assert "started the hutch server" in err
+    assert "size 1, 1 ready" in out
+    [pid] = servers_of(home)
+    code, out, err = cli("pool", "--json")
+    assert code == 0, err
+    [p] = json.loads(out)
+    assert (p["image"], p["cpus"], p["memory_mib"], p["size"], p["ready"]) == (
+        "busybox",
+        1,
+        224,
+        1,
+        1,
+    )
+    code, out, _ = cli("pool")
+    assert code == 0 and out.split()[:3] == ["IMAGE", "CPUS", "MEMORY"]
+    assert "224 MiB" in out
+    # pool boxes are invisible to ps
+    assert json.loads(cli("ps", "-a", "--json")[1]) == []
+
+    code, out, err = cli("pool", "set", "busybox", "--size", "0", "--memory", "224")
+    assert (code, out) == (0, "removed the warm pool of busybox\n"), err
+    assert json.loads(cli("pool", "--json")[1]) == []
+    code, out, _ = cli("pool")
+    assert "no warm pools" in out and servers_of(home) == [pid]

@@ -547,11 +547,12 @@ def version() -> None:
 
 from hutch.cli import boxes as _boxes  # noqa: E402  (registers the box commands)
 from hutch.cli import images as _images  # noqa: E402  (registers the image commands)
+from hutch.cli import pools as _pools  # noqa: E402  (registers `hutch pool`)
 from hutch.cli import remote as _remote  # noqa: E402  (registers start/stop/exec/stats)
 from hutch.cli import serve as _serve  # noqa: E402  (registers `hutch serve`)
 from hutch.cli import snapshots as _snapshots  # noqa: E402  (snapshot, snapshots, rmsnap, clone)
 
-__all__ = ["_boxes", "_images", "_remote", "_serve", "_snapshots", "err_console", "main"]
+__all__ = ["_boxes", "_images", "_pools", "_remote", "_serve", "_snapshots", "err_console", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()

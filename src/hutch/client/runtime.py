@@ -20,6 +20,7 @@ from hutch.errors import BadRequestError
 from hutch.execution import DEFAULT_MAX_OUTPUT, HOST_TIMEOUT_GRACE, ExecResult
 from hutch.runtime.metrics import BoxMetrics, RuntimeMetrics
 from hutch.runtime.options import BoxOptions, Port, Volume
+from hutch.runtime.pool import PoolStatus
 from hutch.runtime.snapshots import CLONE_OVERRIDES, MACHINE_FIELDS, Snapshot
 from hutch.runtime.store import BoxRecord
 from hutch.server.wire import (
@@ -347,6 +348,46 @@ class RemoteRuntime:
     async def remove_snapshot(self, id_or_name: str) -> None:
         """Delete a snapshot and its files; ConflictError while boxes made from it exist."""
         await self._t.request("DELETE", f"/v1/snapshots/{quote_id(id_or_name)}")
+
+    # --- warm pools (the server's) ----------------------------------------------------------
+    async def configure_pool(
+        self,
+        image: str = "busybox",
+        *,
+        cpus: int = 1,
+        memory_mib: int = 256,
+        size: int = 1,
+        accel: str = "auto",
+    ) -> PoolStatus:
+        """Keep ``size`` restored boxes of (image, cpus, memory_mib) ready on the server
+        (``PUT /v1/pools``; ``size=0`` drains and removes the pool). See
+        :meth:`hutch.Runtime.configure_pool`."""
+        body = {
+            "image": image,
+            "cpus": cpus,
+            "memory_mib": memory_mib,
+            "size": size,
+            "accel": accel,
+        }
+        r = await self._t.request("PUT", "/v1/pools", json=body, read_timeout=STOP_TIMEOUT)
+        status: PoolStatus = dataclass_from_json(PoolStatus, r.json())
+        return status
+
+    async def pool_status(self) -> builtins.list[PoolStatus]:
+        """The server's warm pools (``GET /v1/pools``)."""
+        r = await self._t.request("GET", "/v1/pools")
+        return [dataclass_from_json(PoolStatus, d) for d in r.json()]
+
+    async def wait_pool(self, timeout: float | None = 60.0) -> None:
+        """Wait until every warm pool of the server holds its size of ready boxes
+        (TimeoutError after ``timeout`` seconds)."""
+        params = {} if timeout is None else {"timeout": str(timeout)}
+        await self._t.request(
+            "POST",
+            "/v1/pools/wait",
+            params=params,
+            read_timeout=None if timeout is None else timeout + 10.0,
+        )
 
     # --- images (the server's store) ------------------------------------------------------
     async def images(self) -> builtins.list[dict[str, Any]]:

@@ -30,7 +30,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from hutch.errors import BadRequestError, HutchError, NotFoundError, PortalError
+from hutch.errors import (
+    BadRequestError,
+    ConflictError,
+    GuestPermissionError,
+    HutchError,
+    InvalidStateError,
+    NotFoundError,
+    PortalError,
+)
 from hutch.portal.codec import (
     INITIAL_WINDOW,
     MAX_ARGS,
@@ -41,6 +49,7 @@ from hutch.portal.codec import (
     NONCE_LEN,
     PROTOCOL_VERSION,
     Fields,
+    FileOp,
     Frame,
     FrameDecoder,
     MsgType,
@@ -287,6 +296,146 @@ class ProcessStream:
         await self.channel._send(Frame(MsgType.SIGNAL, self.id, payload))
 
 
+class FileStream:
+    """One file operation (1.3): ``FILE_REQ``, then ``FILE_DATA`` in one direction, then the
+    guest's ``FILE_REPLY``, which ends the stream.
+
+    Reads: the guest sends at most the credit the host granted (``CREDIT`` fd 1, returned as the
+    consumer takes data), so :attr:`queue` holds at most ``INITIAL_WINDOW`` bytes. Writes: the
+    host sends at most the credit the guest granted (``CREDIT`` fd 0, returned once written).
+    """
+
+    def __init__(self, channel: PortalChannel, stream_id: int, op: FileOp, path: str) -> None:
+        self.channel = channel
+        self.id = stream_id
+        self.op = op
+        self.path = path
+        loop = asyncio.get_running_loop()
+        #: The FILE_REPLY's fields; raises the mapped error (ERRNO) or the channel's failure.
+        self.reply: asyncio.Future[Fields] = loop.create_future()
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._in_credit = INITIAL_WINDOW  # FILE_DATA the guest may still send
+        self._credit_pending = 0
+        self._out_credit = INITIAL_WINDOW  # FILE_DATA the host may still send
+        self._wakeup = asyncio.Event()
+        self.closed = False
+
+    def _on_data(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.op is not FileOp.READ or not data:
+            raise PortalError(f"guest sent unexpected FILE_DATA on stream {self.id}")
+        if len(data) > self._in_credit:
+            raise PortalError(
+                f"guest sent {len(data)} file bytes on stream {self.id} with only "
+                f"{self._in_credit} bytes of credit (flow-control violation)"
+            )
+        self._in_credit -= len(data)
+        self.queue.put_nowait(data)
+
+    def _on_credit(self, fields: Fields) -> None:
+        fd, n = fields.u(Tag.FD), fields.u(Tag.BYTES)
+        if fd != 0 or n is None:
+            raise PortalError(f"guest sent a CREDIT for fd {fd} on file stream {self.id}")
+        self._out_credit = min(self._out_credit + n, INITIAL_WINDOW)
+        self._wakeup.set()
+
+    def _on_reply(self, fields: Fields) -> None:
+        err = fields.u(Tag.ERRNO)
+        if err is not None:
+            message = fields.text(Tag.MESSAGE, "", limit=512) or ""
+            self._finish(error=file_error(err, self.path, message))
+        else:
+            self._finish(fields=fields)
+
+    def _finish(self, *, fields: Fields | None = None, error: BaseException | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.channel._files.pop(self.id, None)
+        if not self.reply.done():
+            if error is not None:
+                self.reply.set_exception(error)
+                self.reply.exception()
+            else:
+                self.reply.set_result(fields if fields is not None else Fields())
+        self.queue.put_nowait(EOF)
+        self._wakeup.set()
+
+    def consumed(self, n: int) -> None:
+        """The consumer took ``n`` bytes of a read: give the guest that much credit back."""
+        if self.closed or n <= 0:
+            return
+        pending = self._credit_pending + n
+        if pending < CREDIT_BATCH and not self.queue.empty():
+            self._credit_pending = pending
+            return
+        self._credit_pending = 0
+        self._in_credit += pending
+        self.channel._send_nowait(
+            Frame(MsgType.CREDIT, self.id, encode_tlv([(Tag.FD, 1), (Tag.BYTES, pending)]))
+        )
+
+    async def write(self, data: bytes) -> None:
+        """Send file data within the guest's credit (waits for credit). Returns early, dropping
+        the data, when the guest has already replied (an error: see :attr:`reply`)."""
+        view = memoryview(data)
+        while view:
+            while self._out_credit == 0 and not self.closed:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.closed:
+                return
+            n = min(len(view), self._out_credit, MAX_DATA)
+            self._out_credit -= n
+            await self.channel._send(Frame(MsgType.FILE_DATA, self.id, bytes(view[:n])))
+            view = view[n:]
+
+    def cancel_nowait(self) -> None:
+        """Abandon the operation: the guest closes the file (a write keeps what it got) and
+        answers ECANCELED; this side ignores whatever else arrives for the stream."""
+        if self.closed:
+            return
+        self.channel._send_nowait(
+            Frame(MsgType.SIGNAL, self.id, encode_tlv([(Tag.SIGNAL, 9), (Tag.GROUP, 0)]))
+        )
+        self._finish(error=BadRequestError(f"file operation on {self.path!r} was cancelled"))
+
+    async def cancel(self) -> None:
+        self.cancel_nowait()
+        with contextlib.suppress(OSError, RuntimeError):
+            await self.channel._writer.drain()
+
+    async def end(self) -> None:
+        """End of the written data (an empty FILE_DATA)."""
+        if not self.closed:
+            await self.channel._send(Frame(MsgType.FILE_DATA, self.id, b""))
+
+
+def file_error(err: int, path: str, message: str = "") -> HutchError:
+    """The typed hutch error for a guest ``errno`` on ``path``."""
+    name = errno_mod.errorcode.get(err, str(err))
+    reason = os.strerror(err) if err in errno_mod.errorcode else f"error {err}"
+    text = f"guest path {path!r}: {reason} ({name})"
+    if err == errno_mod.ENOENT:
+        return NotFoundError(text, hint="Check the path (e.g. `box.files.list(parent)`).")
+    if err in (errno_mod.EEXIST, errno_mod.ENOTEMPTY):
+        return ConflictError(
+            text, hint="Remove it first (`recursive=True` for a directory), or pick another path."
+        )
+    if err in (errno_mod.EACCES, errno_mod.EPERM, errno_mod.EROFS):
+        return GuestPermissionError(text)
+    if err in (
+        errno_mod.EISDIR,
+        errno_mod.ENOTDIR,
+        errno_mod.EINVAL,
+        errno_mod.ENAMETOOLONG,
+        errno_mod.ELOOP,
+    ):
+        return BadRequestError(text)
+    return BadRequestError(text, hint=message[:200] or "")
+
+
 class PortalChannel:
     """The host end of one guest's portal connection."""
 
@@ -297,6 +446,7 @@ class PortalChannel:
         self._writer = writer
         self._decoder = FrameDecoder()
         self._streams: dict[int, ProcessStream] = {}
+        self._files: dict[int, FileStream] = {}
         self._next_id = 1
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[Hello] = loop.create_future()
@@ -345,6 +495,8 @@ class PortalChannel:
             self.hello.exception()
         for stream in list(self._streams.values()):
             stream._finish(error=exc)
+        for fstream in list(self._files.values()):
+            fstream._finish(error=exc)
         for fut in [*self._pongs.values(), self._frozen, self._reidentified]:
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
@@ -410,6 +562,17 @@ class PortalChannel:
             if fut is not None and not fut.done():
                 fut.set_result(None)
             return
+        fstream = self._files.get(frame.stream)
+        if fstream is not None:
+            if t is MsgType.FILE_DATA:
+                fstream._on_data(frame.payload)
+            elif t is MsgType.FILE_REPLY:
+                fstream._on_reply(decode_tlv(frame.payload))
+            elif t is MsgType.CREDIT:
+                fstream._on_credit(decode_tlv(frame.payload))
+            return
+        if t is MsgType.FILE_DATA:
+            return  # late data of a file stream that ended
         stream = self._streams.get(frame.stream)
         if t is MsgType.STDOUT or t is MsgType.STDERR:
             if stream is not None:
@@ -573,6 +736,10 @@ class PortalChannel:
             raise PortalError("reidentify() needs a guest that said HELLO and is not frozen")
         if self._reidentified is not None and not self._reidentified.done():
             raise PortalError("a reidentify() is already waiting for its HELLO")
+        for fstream in list(self._files.values()):  # the agent drops them with the identity
+            fstream._finish(
+                error=InvalidStateError("file operation interrupted: box re-identified")
+            )
         fut: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
         self._reidentified = fut
         self._identity = identity
@@ -607,6 +774,27 @@ class PortalChannel:
         stream = ProcessStream(self, stream_id, request.argv)
         self._streams[stream_id] = stream
         await self._send(Frame(MsgType.SPAWN, stream_id, payload))
+        return stream
+
+    async def file_request(
+        self, op: FileOp, path: str, *, mode: int | None = None, flags: int = 0
+    ) -> FileStream:
+        """Send a FILE_REQ (1.3) for the normalised absolute guest ``path``; the stream's
+        ``reply`` resolves when the guest answers (reads: after the data)."""
+        self._check_open()
+        entries: list[tuple[Tag, int | str | bytes]] = [
+            (Tag.OP, int(op)),
+            (Tag.PATH, path.encode("utf-8", "surrogateescape")),
+        ]
+        if mode is not None:
+            entries.append((Tag.MODE, mode))
+        if flags:
+            entries.append((Tag.FLAGS, flags))
+        stream_id = self._next_id
+        self._next_id += 1
+        stream = FileStream(self, stream_id, op, path)
+        self._files[stream_id] = stream
+        await self._send(Frame(MsgType.FILE_REQ, stream_id, encode_tlv(entries)))
         return stream
 
     async def ping(self, payload: bytes | None = None) -> float:

@@ -18,8 +18,11 @@ from hutch.errors import PortalError
 PROTOCOL_VERSION = 1
 #: Minor version (HELLO's ``MINOR``; absent = 0). 1 adds FREEZE/FROZEN/THAW/RESTORE (snapshots):
 #: an agent that predates it cannot be snapshotted, everything else works as before. 2: the agent
-#: mounts volumes and configures the NIC at boot, and HELLO carries ``SETUP_ERROR``s.
-PROTOCOL_MINOR = 2
+#: mounts volumes and configures the NIC at boot, and HELLO carries ``SETUP_ERROR``s. 3: file
+#: access (FILE_REQ/FILE_DATA/FILE_REPLY).
+PROTOCOL_MINOR = 3
+#: The minor version that serves FILE_REQ.
+FILES_MINOR = 3
 #: Length of RESTORE's nonce (echoed in the HELLO that answers it).
 NONCE_LEN = 16
 #: Most entropy bytes one RESTORE may carry (the agent's limit too).
@@ -53,6 +56,9 @@ class MsgType(IntEnum):
     STDERR = 0x42
     EXIT = 0x43
     SPAWN_FAILED = 0x44
+    FILE_REQ = 0x50
+    FILE_DATA = 0x51
+    FILE_REPLY = 0x52
 
 
 #: Message types the guest may send; anything else from the guest is a protocol violation.
@@ -67,9 +73,11 @@ GUEST_TYPES = frozenset(
         MsgType.STDERR,
         MsgType.EXIT,
         MsgType.SPAWN_FAILED,
+        MsgType.FILE_DATA,
+        MsgType.FILE_REPLY,
     }
 )
-DATA_TYPES = frozenset({MsgType.STDOUT, MsgType.STDERR, MsgType.STDIN})
+DATA_TYPES = frozenset({MsgType.STDOUT, MsgType.STDERR, MsgType.STDIN, MsgType.FILE_DATA})
 
 
 class Tag(IntEnum):
@@ -101,6 +109,29 @@ class Tag(IntEnum):
     ENTROPY = 64
     REALTIME_NS = 65
     HOSTNAME = 66
+    OP = 80
+    PATH = 81
+    MODE = 82
+    FLAGS = 83
+    FTYPE = 84
+    SIZE = 85
+    MTIME_NS = 86
+    LINK_TARGET = 87
+    ENTRY = 88
+    NAME = 89
+    TRUNCATED = 90
+
+
+class FileOp(IntEnum):
+    """``OP`` of a FILE_REQ (1.3)."""
+
+    STAT = 1
+    LIST = 2
+    READ = 3
+    WRITE = 4
+    MKDIR = 5
+    REMOVE = 6
+    CHMOD = 7
 
 
 U32_TAGS = frozenset(
@@ -117,9 +148,23 @@ U32_TAGS = frozenset(
         Tag.EXIT_CODE,
         Tag.TIMED_OUT,
         Tag.ERRNO,
+        Tag.OP,
+        Tag.MODE,
+        Tag.FLAGS,
+        Tag.FTYPE,
+        Tag.TRUNCATED,
     }
 )
-U64_TAGS = frozenset({Tag.BOOT_START_US, Tag.BOOT_READY_US, Tag.DURATION_US, Tag.REALTIME_NS})
+U64_TAGS = frozenset(
+    {
+        Tag.BOOT_START_US,
+        Tag.BOOT_READY_US,
+        Tag.DURATION_US,
+        Tag.REALTIME_NS,
+        Tag.SIZE,
+        Tag.MTIME_NS,
+    }
+)
 _TLV_HEAD = struct.Struct("<HI")
 
 

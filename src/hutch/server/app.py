@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request, WebSocket
@@ -34,6 +34,7 @@ from hutch.images.reference import ImageReference
 from hutch.images.store import ImageRecord, ImageStore
 from hutch.runtime.metrics import BoxMetrics, RuntimeMetrics
 from hutch.runtime.options import BoxOptions, Port, Volume
+from hutch.runtime.pool import PoolStatus
 from hutch.runtime.runtime import Runtime
 from hutch.server.auth import BearerAuth
 from hutch.server.models import (
@@ -47,6 +48,8 @@ from hutch.server.models import (
     Health,
     ImageInfo,
     ImageRemoved,
+    PoolRequest,
+    PoolStatusModel,
     PullRequest,
     SnapshotInfo,
     SnapshotRequest,
@@ -272,6 +275,7 @@ def create_app(runtime: Runtime, *, token: str | None, max_body: int = MAX_BODY)
     _box_routes(router, runtime)
     _exec_routes(router, runtime)
     _snapshot_routes(router, runtime)
+    _pool_routes(router, runtime)
     _image_routes(router, runtime)
     app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=max_body)
@@ -345,7 +349,7 @@ def _meta_routes(router: APIRouter, rt: Runtime) -> None:
     async def prometheus() -> PlainTextResponse:
         """The runtime metrics in Prometheus' text format (version 0.0.4)."""
         return PlainTextResponse(
-            prometheus_text(await rt.metrics()),
+            prometheus_text(await rt.metrics(), await rt.pool_status()),
             media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
@@ -370,12 +374,53 @@ PROMETHEUS = (
 )
 
 
-def prometheus_text(m: RuntimeMetrics) -> str:
-    """Hand-formatted exposition text: five numbers do not need a metrics library."""
+#: (name, type, help, PoolStatus field): one sample per warm pool, labelled by its machine.
+PROMETHEUS_POOL = (
+    ("hutch_pool_size", "gauge", "Ready boxes a warm pool keeps.", "size"),
+    ("hutch_pool_ready", "gauge", "Boxes of a warm pool ready to be handed out.", "ready"),
+    ("hutch_pool_restoring", "gauge", "Boxes of a warm pool being restored.", "restoring"),
+    (
+        "hutch_pool_handed_out_total",
+        "counter",
+        "Boxes a warm pool handed out to create.",
+        "handed_out",
+    ),
+    (
+        "hutch_pool_misses_total",
+        "counter",
+        "Creates that matched a warm pool with no ready box.",
+        "misses",
+    ),
+    ("hutch_pool_restores_total", "counter", "Boxes restored into a warm pool.", "restores"),
+    (
+        "hutch_pool_failures_total",
+        "counter",
+        "Failed restores (or seed boots) of a warm pool.",
+        "failures",
+    ),
+)
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(m: RuntimeMetrics, pools: Sequence[PoolStatus] = ()) -> str:
+    """Hand-formatted exposition text: a few numbers do not need a metrics library. The pool
+    families appear only while the server has warm pools."""
     lines = []
     for name, kind, help_text, field in PROMETHEUS:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         lines.append(f"{name} {getattr(m, field)}")
+    if pools:
+        for name, kind, help_text, field in PROMETHEUS_POOL:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            for p in pools:
+                labels = (
+                    f'image="{_label(p.image)}",cpus="{p.cpus}",'
+                    f'memory_mib="{p.memory_mib}",accel="{_label(p.accel)}"'
+                )
+                lines.append(f"{name}{{{labels}}} {getattr(p, field)}")
     return "\n".join(lines) + "\n"
 
 
@@ -511,6 +556,34 @@ def _snapshot_routes(router: APIRouter, rt: Runtime) -> None:
 
 
 # --- exec -----------------------------------------------------------------------------------
+# --- warm pools -----------------------------------------------------------------------------
+def _pool_routes(router: APIRouter, rt: Runtime) -> None:
+    @router.get("/v1/pools", response_model=list[PoolStatusModel], tags=["pools"])
+    async def list_pools() -> list[dict[str, Any]]:
+        """The server's warm pools: size, ready and restoring boxes, counters, last failure."""
+        return [dataclasses.asdict(p) for p in await rt.pool_status()]
+
+    @router.put("/v1/pools", response_model=PoolStatusModel, tags=["pools"])
+    async def configure_pool(body: PoolRequest) -> dict[str, Any]:
+        """Create, resize or (``size`` 0) drain and remove the pool of (image, cpus, memory_mib,
+        accel); it fills in the background. Answers its status now."""
+        status = await rt.configure_pool(
+            body.image,
+            cpus=body.cpus,
+            memory_mib=body.memory_mib,
+            accel=body.accel,
+            size=body.size,
+        )
+        return dataclasses.asdict(status)
+
+    @router.post("/v1/pools/wait", status_code=204, tags=["pools"])
+    async def wait_pools(timeout: Annotated[float | None, Query(gt=0)] = None) -> Response:
+        """Wait until every warm pool holds its size of ready boxes (408 ``TimeoutError``
+        naming the pool and its last failure after ``timeout`` seconds; none: no limit)."""
+        await rt.wait_pool(timeout)
+        return Response(status_code=204)
+
+
 def _exec_routes(router: APIRouter, rt: Runtime) -> None:
     @router.post("/v1/boxes/{id_or_name}/exec", response_model=ExecResultModel, tags=["exec"])
     async def exec_buffered(id_or_name: str, body: ExecRequest, request: Request) -> Any:

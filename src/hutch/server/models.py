@@ -183,6 +183,40 @@ class SnapshotInfo(BaseModel):
     )
 
 
+# --- warm pools ----------------------------------------------------------------------------
+class PoolRequest(_Strict):
+    """``PUT /v1/pools``: keep ``size`` restored boxes of (image, cpus, memory_mib, accel)
+    ready; ``size`` 0 drains and removes the pool."""
+
+    image: str = "busybox"
+    cpus: int = 1
+    memory_mib: int = 256
+    accel: str = "auto"
+    size: int = Field(1, description="ready boxes to keep (0 to 64; 0 removes the pool)")
+
+
+class PoolStatusModel(BaseModel):
+    """A warm pool's state and counters (hutch.PoolStatus); newer fields pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image: str
+    cpus: int
+    memory_mib: int
+    accel: str
+    size: int
+    ready: int
+    restoring: int
+    handed_out: int = 0
+    misses: int = 0
+    restores: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    retry_in: float = 0.0
+    snapshot_id: str | None = None
+    last_restore_ms: float | None = None
+
+
 # --- exec -----------------------------------------------------------------------------------
 class _ExecBase(_Strict):
     cmd: list[str] = Field(
@@ -292,6 +326,8 @@ __all__ = [
     "Health",
     "ImageInfo",
     "ImageRemoved",
+    "PoolRequest",
+    "PoolStatusModel",
     "PullEventModel",
     "PullRequest",
     "SnapshotInfo",

@@ -37,15 +37,18 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from hutch.errors import ConfigError, ConflictError, ParseError, StorageError
 from hutch.paths import HutchPaths
+
+if TYPE_CHECKING:
+    from hutch.runtime.pool import PoolSpec
 
 log = logging.getLogger("hutch.server")
 
@@ -245,8 +248,14 @@ async def serve(
     require_token: bool = True,
     access_log: bool = False,
     on_ready: Callable[[Listen], None] | None = None,
+    pools: Sequence[PoolSpec] = (),
 ) -> None:
-    """Serve until SIGTERM/SIGINT (see the module docstring for the shutdown sequence)."""
+    """Serve until SIGTERM/SIGINT (see the module docstring for the shutdown sequence).
+
+    Warm pools: config.toml's ``[pool]`` table applies (the runtime is made with ``pool=True``),
+    and ``pools`` (``hutch serve --pool``) are added to them — one of the same machine sets
+    the size of the config's. ``PUT /v1/pools`` changes them while the server runs; they are
+    drained on exit."""
     import uvicorn
 
     from hutch.runtime.runtime import Runtime
@@ -270,11 +279,19 @@ async def serve(
         if where.port == 0:
             where = Listen("tcp", host=where.host, port=sock.getsockname()[1])
     bound = os.stat(where.path) if where.path else None
-    runtime = Runtime(paths.home)
+    runtime = Runtime(paths.home, pool=True)
     stop = _Stop()
     with _signals_to(stop):
         try:
             await runtime.open()
+            for spec in pools:
+                await runtime.configure_pool(
+                    spec.image,
+                    cpus=spec.cpus,
+                    memory_mib=spec.memory_mib,
+                    size=spec.size,
+                    accel=spec.accel,
+                )
             config = uvicorn.Config(
                 create_app(runtime, token=token),
                 lifespan="off",

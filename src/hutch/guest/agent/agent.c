@@ -40,7 +40,8 @@
  */
 #define AGENT_VERSION "0.1.0"
 #define PROTOCOL_VERSION 1
-#define PROTOCOL_MINOR 2   /* 1.1: FREEZE/FROZEN/THAW/RESTORE (snapshots and clones);
+#define PROTOCOL_MINOR 3   /* 1.1: FREEZE/FROZEN/THAW/RESTORE (snapshots and clones);
+                              1.3: FILE_REQ/FILE_DATA/FILE_REPLY (file access);
                               1.2: volumes and network at boot, SETUP_ERROR in HELLO */
 
 #include <dirent.h>
@@ -90,14 +91,18 @@
 enum { T_HELLO = 0x01, T_PING = 0x02, T_PONG = 0x03, T_SHUTDOWN = 0x04, T_FREEZE = 0x05,
        T_FROZEN = 0x06, T_THAW = 0x07, T_RESTORE = 0x08, T_SPAWN = 0x20,
        T_STDIN = 0x21, T_SIGNAL = 0x22, T_CREDIT = 0x30, T_STARTED = 0x40, T_STDOUT = 0x41,
-       T_STDERR = 0x42, T_EXIT = 0x43, T_SPAWN_FAILED = 0x44 };
+       T_STDERR = 0x42, T_EXIT = 0x43, T_SPAWN_FAILED = 0x44,
+       T_FILE_REQ = 0x50, T_FILE_DATA = 0x51, T_FILE_REPLY = 0x52 };
 
 enum { TAG_VERSION = 1, TAG_AGENT = 2, TAG_KERNEL = 3, TAG_BOOT_START_US = 4,
        TAG_BOOT_READY_US = 5, TAG_MINOR = 6, TAG_NONCE = 7, TAG_SETUP_ERROR = 8, TAG_ARG = 16, TAG_ENV = 17, TAG_CWD = 18, TAG_USER = 19,
        TAG_TIMEOUT_MS = 20, TAG_STDIN = 21, TAG_SIGNAL = 32, TAG_GROUP = 33, TAG_FD = 34,
        TAG_BYTES = 35, TAG_PID = 48, TAG_EXIT_CODE = 49, TAG_TIMED_OUT = 50,
        TAG_DURATION_US = 51, TAG_ERRNO = 52, TAG_KIND = 53, TAG_MESSAGE = 54,
-       TAG_ENTROPY = 64, TAG_REALTIME_NS = 65, TAG_HOSTNAME = 66 };
+       TAG_ENTROPY = 64, TAG_REALTIME_NS = 65, TAG_HOSTNAME = 66,
+       TAG_OP = 80, TAG_PATH = 81, TAG_MODE = 82, TAG_FLAGS = 83, TAG_FTYPE = 84, TAG_SIZE = 85,
+       TAG_MTIME_NS = 86, TAG_LINK_TARGET = 87, TAG_ENTRY = 88, TAG_NAME = 89,
+       TAG_TRUNCATED = 90 };
 
 /* Agent limits. */
 #define MAX_PROCS 256
@@ -1090,8 +1095,11 @@ fail:
 
 /* The next host numbers its streams from 1 again (a reconnect, or a clone's first host): detach
  * every process. They run on, their output is drained and dropped, their exit is not reported. */
+static void files_detach(void);
+
 static void detach_all(void)
 {
+    files_detach();
     for (int i = 0; i < nslots; i++) {
         if (procs[i].used) {
             procs[i].stream = 0;
@@ -1281,6 +1289,359 @@ static bool find_u32(const uint8_t *payload, size_t len, uint16_t want, uint32_t
     return found;
 }
 
+
+/* ---------------------------------------------------------------------------------------------
+ * 5b. Files (1.3): FILE_REQ → [FILE_DATA…] → FILE_REPLY, served with plain syscalls
+ * ------------------------------------------------------------------------------------------- */
+
+enum { OP_STAT = 1, OP_LIST = 2, OP_READ = 3, OP_WRITE = 4, OP_MKDIR = 5, OP_REMOVE = 6,
+       OP_CHMOD = 7 };
+enum { FT_FILE = 1, FT_DIR = 2, FT_LINK = 3, FT_OTHER = 4 };
+#define MAX_XFERS 64
+
+struct xfer {
+    bool used, writing;
+    uint32_t stream;
+    int fd;
+    uint64_t credit;     /* reads: FILE_DATA bytes we may still send; writes: bytes granted */
+    uint64_t bytes;
+};
+static struct xfer xfers[MAX_XFERS];
+static int mkdir_p(const char *path, mode_t mode);
+static uint8_t *replybuf;   /* MAX_PAYLOAD bytes: a LIST reply */
+
+static struct xfer *find_xfer(uint32_t stream)
+{
+    for (int i = 0; i < MAX_XFERS; i++)
+        if (xfers[i].used && xfers[i].stream == stream)
+            return &xfers[i];
+    return NULL;
+}
+
+static void xfer_free(struct xfer *x)
+{
+    close_fd(&x->fd);
+    x->used = false;
+}
+
+static void files_detach(void)
+{
+    for (int i = 0; i < MAX_XFERS; i++)
+        if (xfers[i].used)
+            xfer_free(&xfers[i]);
+}
+
+static void file_error(uint32_t stream, int err, const char *path)
+{
+    struct tlv t = { .len = 0 };
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s: %s", path, strerror(err));
+    tlv_u32(&t, TAG_ERRNO, (uint32_t)err);
+    tlv_str(&t, TAG_MESSAGE, msg);
+    send_frame(T_FILE_REPLY, stream, t.buf, t.len);
+}
+
+static uint32_t ftype_of(mode_t m)
+{
+    return S_ISREG(m) ? FT_FILE : S_ISDIR(m) ? FT_DIR : S_ISLNK(m) ? FT_LINK : FT_OTHER;
+}
+
+/* Append the stat fields (and the link target of a symlink at dirfd/name) as TLV to buf. */
+static size_t put_stat(uint8_t *buf, size_t cap, const struct stat *st, int dirfd, const char *name)
+{
+    struct tlv t = { .len = 0 };
+    tlv_u32(&t, TAG_FTYPE, ftype_of(st->st_mode));
+    tlv_u64(&t, TAG_SIZE, (uint64_t)st->st_size);
+    tlv_u32(&t, TAG_MODE, (uint32_t)(st->st_mode & 07777));
+    tlv_u64(&t, TAG_MTIME_NS, (uint64_t)st->st_mtim.tv_sec * 1000000000u + (uint64_t)st->st_mtim.tv_nsec);
+    if (S_ISLNK(st->st_mode)) {
+        char target[PATH_MAX];
+        ssize_t n = readlinkat(dirfd, name, target, sizeof target - 1);
+        if (n > 0)
+            tlv_put(&t, TAG_LINK_TARGET, target, (size_t)n);
+    }
+    if (t.len > cap)
+        return 0;
+    memcpy(buf, t.buf, t.len);
+    return t.len;
+}
+
+static int rm_tree(int dirfd, const char *name, int depth)
+{
+    if (depth > 256) {
+        errno = ELOOP;
+        return -1;
+    }
+    if (unlinkat(dirfd, name, 0) == 0)
+        return 0;
+    if (errno != EISDIR && errno != EPERM)
+        return -1;
+    int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return -1;
+    }
+    struct dirent *e;
+    int rc = 0;
+    while ((e = readdir(d)) != NULL) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        if (rm_tree(fd, e->d_name, depth + 1) < 0) {
+            rc = -1;
+            break;
+        }
+    }
+    int saved = errno;
+    closedir(d);
+    if (rc < 0) {
+        errno = saved;
+        return -1;
+    }
+    return unlinkat(dirfd, name, AT_REMOVEDIR);
+}
+
+static void file_list(uint32_t stream, const char *path)
+{
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) {
+        file_error(stream, errno, path);
+        return;
+    }
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        int err = errno;
+        close(fd);
+        file_error(stream, err, path);
+        return;
+    }
+    if (!replybuf && !(replybuf = malloc(MAX_PAYLOAD)))
+        fatal("out of memory for a LIST reply");
+    size_t len = 0;
+    bool truncated = false;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        struct stat st;
+        if (fstatat(fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+            continue;   /* removed meanwhile */
+        uint8_t ent[PATH_MAX + 512];
+        size_t nl = strlen(e->d_name), el = 0;
+        put16(ent, TAG_NAME);
+        put32(ent + 2, (uint32_t)nl);
+        memcpy(ent + 6, e->d_name, nl);
+        el = 6 + nl;
+        el += put_stat(ent + el, sizeof ent - el, &st, fd, e->d_name);
+        if (len + 6 + el + 16 > MAX_PAYLOAD) {
+            truncated = true;
+            break;
+        }
+        put16(replybuf + len, TAG_ENTRY);
+        put32(replybuf + len + 2, (uint32_t)el);
+        memcpy(replybuf + len + 6, ent, el);
+        len += 6 + el;
+    }
+    closedir(d);
+    if (truncated) {
+        put16(replybuf + len, TAG_TRUNCATED);
+        put32(replybuf + len + 2, 4);
+        put32(replybuf + len + 6, 1);
+        len += 10;
+    }
+    send_frame(T_FILE_REPLY, stream, replybuf, len);
+}
+
+static void handle_file_req(uint32_t stream, const uint8_t *d, size_t len)
+{
+    struct tlv_iter it = { d, len };
+    uint16_t tag;
+    const uint8_t *val;
+    uint32_t n, op = 0, mode = 0644, flags = 0;
+    bool has_mode = false;
+    char path[PATH_MAX] = "";
+    int r;
+    if (stream == 0 || find_xfer(stream) || find_stream(stream)) {
+        logmsg("FILE_REQ on stream %u (control or open) ignored", stream);
+        return;
+    }
+    while ((r = tlv_next(&it, &tag, &val, &n)) == 1) {
+        if ((tag == TAG_OP || tag == TAG_MODE || tag == TAG_FLAGS) && n != 4)
+            goto bad;
+        if (tag == TAG_OP)
+            op = get32(val);
+        else if (tag == TAG_MODE) {
+            mode = get32(val) & 07777;
+            has_mode = true;
+        } else if (tag == TAG_FLAGS)
+            flags = get32(val);
+        else if (tag == TAG_PATH) {
+            if (n == 0 || n >= sizeof path || memchr(val, 0, n) || val[0] != '/')
+                goto bad;
+            memcpy(path, val, n);
+            path[n] = 0;
+        }
+    }
+    if (r < 0 || !path[0])
+        goto bad;
+    struct stat st;
+    struct tlv t = { .len = 0 };
+    switch (op) {
+    case OP_STAT:
+        if (lstat(path, &st) < 0) {
+            file_error(stream, errno, path);
+            return;
+        }
+        t.len = put_stat(t.buf, sizeof t.buf, &st, AT_FDCWD, path);
+        send_frame(T_FILE_REPLY, stream, t.buf, t.len);
+        return;
+    case OP_LIST:
+        file_list(stream, path);
+        return;
+    case OP_READ:
+    case OP_WRITE: {
+        struct xfer *x = NULL;
+        for (int i = 0; i < MAX_XFERS && !x; i++)
+            if (!xfers[i].used)
+                x = &xfers[i];
+        if (!x) {
+            file_error(stream, EMFILE, path);
+            return;
+        }
+        /* Refuse anything but a regular file before opening it: opening a FIFO could block
+         * PID 1 and opening some devices has side effects (a watchdog). O_NONBLOCK covers a
+         * swap in between. */
+        if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+            file_error(stream, S_ISDIR(st.st_mode) ? EISDIR : EINVAL, path);
+            return;
+        }
+        int fd = op == OP_READ
+            ? open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
+            : open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NONBLOCK | O_NOCTTY,
+                   (mode_t)mode);
+        if (fd < 0) {
+            file_error(stream, errno, path);
+            return;
+        }
+        int serr = fstat(fd, &st) < 0 ? errno : 0;
+        if (serr || !S_ISREG(st.st_mode)) {
+            int err = serr ? serr : S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+            close(fd);
+            file_error(stream, err, path);
+            return;
+        }
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+        if (op == OP_WRITE && has_mode && fchmod(fd, (mode_t)mode) < 0)
+            dbg("fchmod %s: %m", path);
+        *x = (struct xfer){ .used = true, .writing = op == OP_WRITE, .stream = stream, .fd = fd,
+                            .credit = INITIAL_WINDOW, .bytes = 0 };
+        return;
+    }
+    case OP_MKDIR:
+        r = (flags & 1) ? mkdir_p(path, (mode_t)mode) : mkdir(path, (mode_t)mode);
+        if (r == 0 && has_mode && !(flags & 1))
+            chmod(path, (mode_t)mode);   /* umask-free */
+        break;
+    case OP_REMOVE:
+        if (flags & 1) {
+            r = rm_tree(AT_FDCWD, path, 0);
+        } else {
+            r = unlink(path);
+            if (r < 0 && (errno == EISDIR || errno == EPERM) && lstat(path, &st) == 0 &&
+                S_ISDIR(st.st_mode))
+                r = rmdir(path);
+        }
+        break;
+    case OP_CHMOD:
+        r = chmod(path, (mode_t)mode);
+        break;
+    default:
+        goto bad;
+    }
+    if (r < 0)
+        file_error(stream, errno, path);
+    else
+        send_frame(T_FILE_REPLY, stream, NULL, 0);
+    return;
+bad:
+    file_error(stream, EINVAL, path[0] ? path : "(request)");
+}
+
+/* Host data for a write transfer; empty = end of file. False = beyond the granted credit. */
+static bool file_data(struct xfer *x, const uint8_t *d, size_t len)
+{
+    if (!x->writing)
+        return true;
+    if (len > x->credit)
+        return false;
+    if (len == 0) {
+        struct tlv t = { .len = 0 };
+        int rc = close(x->fd);
+        x->fd = -1;
+        if (rc < 0) {
+            file_error(x->stream, errno, "write");
+        } else {
+            tlv_u64(&t, TAG_SIZE, x->bytes);
+            send_frame(T_FILE_REPLY, x->stream, t.buf, t.len);
+        }
+        xfer_free(x);
+        return true;
+    }
+    size_t off = 0;
+    while (off < len) {
+        ssize_t n = write(x->fd, d + off, len - off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            file_error(x->stream, n < 0 ? errno : EIO, "write");
+            xfer_free(x);   /* later FILE_DATA for this stream is ignored */
+            return true;
+        }
+        off += (size_t)n;
+    }
+    x->bytes += len;
+    send_credit(x->stream, 0, len);   /* credit stays at INITIAL_WINDOW: written synchronously */
+    return true;
+}
+
+/* Send what read transfers may send now; true if one could send more without waiting. */
+static bool files_pump(void)
+{
+    static uint8_t buf[MAX_DATA];
+    bool more = false;
+    for (int i = 0; i < MAX_XFERS; i++) {
+        struct xfer *x = &xfers[i];
+        if (!x->used || x->writing)
+            continue;
+        for (int k = 0; k < 16 && x->credit > 0 && outq_pending() < OUTQ_HIGH; k++) {
+            size_t want = x->credit < MAX_DATA ? (size_t)x->credit : MAX_DATA;
+            ssize_t n = read(x->fd, buf, want);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0) {
+                file_error(x->stream, errno, "read");
+                xfer_free(x);
+                break;
+            }
+            if (n == 0) {
+                struct tlv t = { .len = 0 };
+                tlv_u64(&t, TAG_SIZE, x->bytes);
+                send_frame(T_FILE_REPLY, x->stream, t.buf, t.len);
+                xfer_free(x);
+                break;
+            }
+            send_frame(T_FILE_DATA, x->stream, buf, (size_t)n);
+            x->credit -= (uint64_t)n;
+            x->bytes += (uint64_t)n;
+        }
+        if (x->used && x->credit > 0 && outq_pending() < OUTQ_HIGH)
+            more = true;
+    }
+    return more;
+}
+
 static void handle_frame(uint8_t type, uint32_t stream, const uint8_t *d, size_t len)
 {
     struct proc *p = stream ? find_stream(stream) : NULL;
@@ -1306,15 +1667,34 @@ static void handle_frame(uint8_t type, uint32_t stream, const uint8_t *d, size_t
         handle_restore(d, len);
         break;
     case T_SPAWN:
+        if (find_xfer(stream)) {
+            logmsg("SPAWN on open file stream %u ignored", stream);
+            break;
+        }
         handle_spawn(stream, d, len);
         break;
+    case T_FILE_REQ:
+        handle_file_req(stream, d, len);
+        break;
+    case T_FILE_DATA: {
+        struct xfer *x = stream ? find_xfer(stream) : NULL;
+        if (x && !file_data(x, d, len))
+            protocol_error("FILE_DATA beyond the granted credit");
+        break;
+    }
     case T_STDIN:
         if (p && !stdin_data(p, d, len))
             protocol_error("STDIN beyond the granted credit");
         break;
     case T_SIGNAL:
-        if (!p)
+        if (!p) {
+            struct xfer *x = stream ? find_xfer(stream) : NULL;
+            if (x) {   /* on a file stream: cancel it */
+                file_error(stream, ECANCELED, "cancelled");
+                xfer_free(x);
+            }
             break;
+        }
         if (!find_u32(d, len, TAG_SIGNAL, &a, &bad) || bad || a < 1 || a > 64) {
             logmsg("stream %u: malformed SIGNAL ignored", stream);
             break;
@@ -1324,8 +1704,13 @@ static void handle_frame(uint8_t type, uint32_t stream, const uint8_t *d, size_t
             dbg("stream %u: kill(%d, %u): %m", stream, b == 1 ? -p->pid : p->pid, a);
         break;
     case T_CREDIT:
-        if (!p)
+        if (!p) {
+            struct xfer *x = stream ? find_xfer(stream) : NULL;
+            if (x && !x->writing && find_u32(d, len, TAG_FD, &a, &bad) &&
+                find_u32(d, len, TAG_BYTES, &b, &bad) && !bad && a == 1)
+                x->credit += b;
             break;
+        }
         if (!find_u32(d, len, TAG_FD, &a, &bad) || !find_u32(d, len, TAG_BYTES, &b, &bad) || bad) {
             logmsg("stream %u: malformed CREDIT ignored", stream);
             break;
@@ -1969,6 +2354,8 @@ static _Noreturn void main_loop(void)
     for (;;) {
         uint64_t now = mono_us();
         int timeout = check_deadlines(now);
+        if (files_pump())
+            timeout = 0;
         if (g.frozen) {
             if (now >= g.frozen_until) {
                 logmsg("frozen for %u s without THAW or RESTORE; resuming", FREEZE_MAX_US / 1000000u);
