@@ -111,3 +111,16 @@ async def test_boxlite_info_is_awaitable() -> None:
     assert (await info) is info
     assert info.status == info.state.status == "running"
     await asyncio.sleep(0)
+
+
+def test_boxlite_metrics_short_names() -> None:
+    m = boxlite.BoxMetrics(3, 1, 120.5, 90.0, 12.5, 1 << 20)
+    assert (m.commands, m.errors, m.total_create_ms, m.guest_boot_ms, m.cpu, m.mem) == (
+        3,
+        1,
+        120.5,
+        90.0,
+        12.5,
+        1 << 20,
+    )
+    assert repr(m).startswith("BoxMetrics(commands=3, errors=1, total_create_ms=120.5")

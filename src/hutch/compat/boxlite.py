@@ -357,6 +357,31 @@ class BoxMetrics:
     network_tcp_connections: int | None = None
     network_tcp_errors: int | None = None
 
+    # The short names BoxLite's repr uses, as attributes too.
+    @property
+    def commands(self) -> int:
+        return self.commands_executed_total
+
+    @property
+    def errors(self) -> int:
+        return self.exec_errors_total
+
+    @property
+    def total_create_ms(self) -> float | None:
+        return self.total_create_duration_ms
+
+    @property
+    def guest_boot_ms(self) -> float | None:
+        return self.guest_boot_duration_ms
+
+    @property
+    def cpu(self) -> float | None:
+        return self.cpu_percent
+
+    @property
+    def mem(self) -> int | None:
+        return self.memory_bytes
+
     def __repr__(self) -> str:
         return (
             f"BoxMetrics(commands={self.commands_executed_total}, errors={self.exec_errors_total}, "
