@@ -72,7 +72,40 @@ class ExecResult:
         return self
 
 
-class OutputStream:
+class ChunkReader:
+    """What every output stream offers on top of its ``read_chunk()``: ``async for chunk in
+    stream`` and a bounded ``read()`` (shared by local and remote executions)."""
+
+    _fd: int
+
+    async def read_chunk(self) -> bytes:
+        raise NotImplementedError
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read_chunk():
+            yield chunk
+
+    async def read(self, limit: int = DEFAULT_MAX_OUTPUT) -> bytes:
+        """All remaining output. Raises :class:`OutputLimitError` past ``limit`` bytes."""
+        parts: list[bytes] = []
+        total = 0
+        while chunk := await self.read_chunk():
+            total += len(chunk)
+            if total > limit:
+                raise OutputLimitError(
+                    f"output of {self._command()!r} exceeded {limit} bytes on fd {self._fd}"
+                )
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class OutputStream(ChunkReader):
     """One output fd of a process: ``async for chunk in stream`` or ``await stream.read()``."""
 
     def __init__(self, proc: ProcessStream, fd: int) -> None:
@@ -94,25 +127,8 @@ class OutputStream:
         self._proc.consumed(self._fd, len(chunk))
         return chunk
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[bytes]:
-        while chunk := await self.read_chunk():
-            yield chunk
-
-    async def read(self, limit: int = DEFAULT_MAX_OUTPUT) -> bytes:
-        """All remaining output. Raises :class:`OutputLimitError` past ``limit`` bytes."""
-        parts: list[bytes] = []
-        total = 0
-        while chunk := await self.read_chunk():
-            total += len(chunk)
-            if total > limit:
-                raise OutputLimitError(
-                    f"output of {self._proc.argv!r} exceeded {limit} bytes on fd {self._fd}"
-                )
-            parts.append(chunk)
-        return b"".join(parts)
+    def _command(self) -> list[str]:
+        return list(self._proc.argv)
 
 
 class InputStream:

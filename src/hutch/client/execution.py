@@ -16,7 +16,6 @@ import builtins
 import contextlib
 import json
 import signal as signal_mod
-from collections.abc import AsyncIterator
 from typing import Any
 
 from hutch.errors import (
@@ -27,7 +26,7 @@ from hutch.errors import (
     PortalError,
     TimeoutError,
 )
-from hutch.execution import DEFAULT_MAX_OUTPUT, HOST_TIMEOUT_GRACE, ExecResult
+from hutch.execution import HOST_TIMEOUT_GRACE, ChunkReader, ExecResult
 from hutch.server.wire import (
     CLOSE_SERVER_SHUTDOWN,
     MAX_CHUNK,
@@ -43,7 +42,7 @@ from hutch.server.wire import (
 SPAWN_TIMEOUT = 60.0
 
 
-class RemoteOutputStream:
+class RemoteOutputStream(ChunkReader):
     """One output stream: ``async for chunk in stream`` or ``await stream.read()``."""
 
     def __init__(self, execution: RemoteExecution, fd: int) -> None:
@@ -77,25 +76,8 @@ class RemoteOutputStream:
             await self._ex._send_control({"type": "ack", "stream": self._fd, "bytes": n})
         return chunk
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[bytes]:
-        while chunk := await self.read_chunk():
-            yield chunk
-
-    async def read(self, limit: int = DEFAULT_MAX_OUTPUT) -> bytes:
-        """All remaining output. Raises :class:`OutputLimitError` past ``limit`` bytes."""
-        parts: list[bytes] = []
-        total = 0
-        while chunk := await self.read_chunk():
-            total += len(chunk)
-            if total > limit:
-                raise OutputLimitError(
-                    f"output of {self._ex.command!r} exceeded {limit} bytes on fd {self._fd}"
-                )
-            parts.append(chunk)
-        return b"".join(parts)
+    def _command(self) -> list[str]:
+        return list(self._ex.command)
 
 
 class RemoteInputStream:
