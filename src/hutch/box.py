@@ -38,13 +38,20 @@ from hutch.errors import (
     PortalError,
     TimeoutError,
 )
-from hutch.execution import DEFAULT_MAX_OUTPUT, ExecResult, Execution
+from hutch.execution import (
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_TERMINAL_SIZE,
+    ExecResult,
+    Execution,
+    terminal_size,
+)
 from hutch.files import Files
 from hutch.guest.kernel import kernel_cmdline
 from hutch.images.pull import ensure_image
 from hutch.images.store import BOX_IMAGE_FILE, ImageRecord
 from hutch.paths import HutchPaths
 from hutch.portal import Hello, Identity, PortalChannel, SpawnRequest
+from hutch.portal.codec import TTY_MINOR
 from hutch.runtime.metrics import (
     CPU_WINDOW,
     BoxMetrics,
@@ -79,6 +86,7 @@ from hutch.vm.disk import (
     storage_error,
 )
 from hutch.vm.migration import load_state, save_state, wait_chardev_open
+from hutch.vm.network import mac_for
 from hutch.vm.process import QemuProcess
 
 log = logging.getLogger("hutch")
@@ -565,7 +573,7 @@ class Box:
                 await load_state(qmp, state_fd, deadline)
                 channel = self._channel = await connect
                 await wait_chardev_open(qmp, "portal", deadline)
-                await channel.restore(Identity(hostname=self.name))
+                await channel.restore(self._identity())
                 await qmp.execute("cont")
         except EngineError as e:
             raise EngineError(
@@ -793,6 +801,8 @@ class Box:
         timeout: float | None = None,
         stdin: bool = True,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+        tty: bool = False,
+        term_size: tuple[int, int] | None = None,
     ) -> Execution:
         """Start a process; stream its output with ``async for chunk in execution.stdout``.
 
@@ -802,8 +812,26 @@ class Box:
         ``timeout`` (seconds) is enforced in the guest: the process group is killed when it
         expires and :meth:`Execution.wait` raises :class:`~hutch.errors.TimeoutError`.
         With ``stdin=False`` the process reads ``/dev/null``.
+
+        ``tty=True`` runs it on a terminal of ``term_size`` = (rows, columns) (default 24×80)
+        with ``TERM=xterm-256color`` unless ``env`` sets it: output arrives on ``stdout`` only,
+        and :meth:`Execution.resize` changes the size (see :mod:`hutch.execution`).
         """
         channel = self._require_channel()
+        size = None
+        if tty:
+            size = terminal_size(*(term_size or DEFAULT_TERMINAL_SIZE))
+            hello = self.hello
+            if hello is None or hello.minor < TTY_MINOR:
+                raise InvalidStateError(
+                    f"box {self.id}: its guest agent has no terminals (protocol "
+                    f"1.{hello.minor if hello else 0}, terminals need 1.{TTY_MINOR})",
+                    hint="Run `hutch setup` to rebuild the agent, then restart the box.",
+                )
+            env = {"TERM": "xterm-256color", **(env or {})}
+            stdin = True
+        elif term_size is not None:
+            raise BadRequestError("term_size needs tty=True")
         config = self.image_record.config if self.image_record else None
         if not cmd and config is not None:
             cmd = tuple(self.default_command())
@@ -824,6 +852,7 @@ class Box:
             user=None if user is None else str(user),
             timeout_ms=max(1, int(timeout * 1000)) if timeout is not None else 0,
             stdin=stdin,
+            tty=size,
         )
         try:
             stream = await channel.spawn(request)
@@ -837,7 +866,7 @@ class Box:
             self.errors += 1
             raise
         self.commands += 1
-        return Execution(stream, pid, timeout, max_output_bytes)
+        return Execution(stream, pid, timeout, max_output_bytes, tty=tty)
 
     async def exec(
         self,
@@ -848,8 +877,13 @@ class Box:
         timeout: float | None = None,
         stdin: bytes | str | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+        tty: bool = False,
+        term_size: tuple[int, int] | None = None,
     ) -> ExecResult:
-        """Run a command to completion and return its output (see :class:`ExecResult`)."""
+        """Run a command to completion and return its output (see :class:`ExecResult`).
+
+        With ``tty=True`` the output is what the terminal showed, on ``stdout``; ``stdin`` is
+        typed into the terminal and ended like Ctrl-D does."""
         execution = await self.spawn(
             *cmd,
             env=env,
@@ -858,6 +892,8 @@ class Box:
             timeout=timeout,
             stdin=stdin is not None,
             max_output_bytes=max_output_bytes,
+            tty=tty,
+            term_size=term_size,
         )
         feeder: asyncio.Task[None] | None = None
         if stdin is not None:
@@ -1071,6 +1107,14 @@ class Box:
             channel.thaw(time.time_ns())  # the guest's clock stood still while it was paused
         return ram_bytes, state_bytes
 
+    def _identity(self) -> Identity:
+        """A restored or handed-out box's identity: hostname = its name, and its own MAC if it
+        has a NIC (the restored guest memory still holds the snapshot's)."""
+        mac = None
+        if self.options.network != "none":
+            mac = bytes.fromhex(mac_for(self.id).replace(":", ""))
+        return Identity(hostname=self.name, mac=mac)
+
     async def _renew_identity(self) -> None:
         """Give this running box a new identity — fresh RNG seed, the host's clock, hostname =
         its name — by ``RESTORE`` on its connection (a warm-pool box being handed out: nothing
@@ -1078,7 +1122,7 @@ class Box:
         channel = self._require_channel()
         try:
             self.hello = await asyncio.wait_for(
-                channel.reidentify(Identity(hostname=self.name)), CONTROL_TIMEOUT
+                channel.reidentify(self._identity()), CONTROL_TIMEOUT
             )
         except builtins.TimeoutError:
             raise TimeoutError(

@@ -4,6 +4,11 @@ An :class:`Execution` wraps a portal :class:`~hutch.portal.ProcessStream`. Outpu
 consumer: credit goes back to the guest only as chunks are taken, so a slow consumer slows the guest
 process instead of filling host memory. :meth:`Execution.wait` drains whatever output has not been
 consumed into the result, so waiting without reading can never deadlock.
+
+A process started with ``tty=True`` runs on a pseudo-terminal in the guest: everything it writes
+arrives on ``stdout`` as the terminal shows it (``\r\n`` line ends, echoed input), ``stderr``
+stays empty, input goes through the terminal's line discipline (Ctrl-C = ``b"\x03"`` interrupts
+the foreground job) and :meth:`Execution.resize` changes the window size.
 """
 
 from __future__ import annotations
@@ -15,12 +20,30 @@ import signal as signal_mod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from hutch.errors import ExecutionError, OutputLimitError, PortalError, TimeoutError
+from hutch.errors import (
+    BadRequestError,
+    ExecutionError,
+    OutputLimitError,
+    PortalError,
+    TimeoutError,
+)
 from hutch.portal import ExitInfo, ProcessStream
 
 DEFAULT_MAX_OUTPUT = 256 << 20
 #: Extra host-side patience after a guest-enforced timeout before the host gives up on the guest.
 HOST_TIMEOUT_GRACE = 5.0
+#: A terminal's size when none is given: (rows, columns).
+DEFAULT_TERMINAL_SIZE = (24, 80)
+
+
+def terminal_size(rows: int, cols: int) -> tuple[int, int]:
+    """Validate a terminal size; BadRequestError unless both are 1 to 65535."""
+    for name, value in (("rows", rows), ("cols", cols)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise BadRequestError(
+                f"terminal {name} must be an integer from 1 to 65535, not {value!r}"
+            )
+    return rows, cols
 
 
 @dataclass(frozen=True)
@@ -122,6 +145,7 @@ class OutputStream(ChunkReader):
         chunk = await self._queue.get()
         if chunk is None:
             self._eof = True
+            self._queue.put_nowait(None)  # wakes a concurrent reader (e.g. wait()) too
             return b""
         self.consumed_bytes += len(chunk)
         self._proc.consumed(self._fd, len(chunk))
@@ -148,10 +172,18 @@ class Execution:
     """A process running in a box (from :meth:`hutch.Box.spawn`)."""
 
     def __init__(
-        self, proc: ProcessStream, pid: int, timeout: float | None, max_output: int
+        self,
+        proc: ProcessStream,
+        pid: int,
+        timeout: float | None,
+        max_output: int,
+        *,
+        tty: bool = False,
     ) -> None:
         self._proc = proc
         self.pid = pid
+        #: True if the process runs on a terminal (``spawn(tty=True)``).
+        self.tty = tty
         self.command = list(proc.argv)
         self.stdout = OutputStream(proc, 1)
         self.stderr = OutputStream(proc, 2)
@@ -171,6 +203,15 @@ class Execution:
     async def kill(self) -> None:
         """SIGKILL the process and everything in its process group."""
         await self._proc.signal(int(signal_mod.SIGKILL), group=True)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal's window size; its foreground process gets ``SIGWINCH``."""
+        if not self.tty:
+            raise BadRequestError(
+                f"{self.command!r} has no terminal to resize",
+                hint="Start it with spawn(..., tty=True).",
+            )
+        await self._proc.resize(*terminal_size(rows, cols))
 
     async def wait(self, timeout: float | None = None) -> ExecResult:
         """Wait for the exit; output not consumed yet is collected into the result.

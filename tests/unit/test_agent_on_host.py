@@ -33,6 +33,7 @@ class AgentOnHost:
         timeout: float | None = None,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        tty: tuple[int, int] | None = None,
     ) -> Execution:
         req = SpawnRequest(
             argv,
@@ -40,10 +41,11 @@ class AgentOnHost:
             cwd=cwd,
             stdin=stdin,
             timeout_ms=int(timeout * 1000) if timeout else 0,
+            tty=tty,
         )
         stream = await self.channel.spawn(req)
         pid = await asyncio.wait_for(stream.started, 10)
-        return Execution(stream, pid, timeout, 1 << 30)
+        return Execution(stream, pid, timeout, 1 << 30, tty=tty is not None)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -121,3 +123,31 @@ async def test_concurrent(agent: AgentOnHost) -> None:
 
 async def test_ping(agent: AgentOnHost) -> None:
     assert 0 < await agent.channel.ping() < 5
+
+
+async def test_terminal_size_resize_and_end_of_input(agent: AgentOnHost) -> None:
+    r = await (await agent.spawn("sh", "-c", "stty size; echo e >&2", tty=(33, 77))).wait()
+    assert (r.stdout, r.stderr) == ("33 77\r\ne\r\n", "")  # one stream, as a terminal shows it
+    ex = await agent.spawn("sh", "-c", "read a; stty size; cat", tty=(10, 20))
+    await ex.resize(11, 22)
+    await ex.stdin.write(b"go\n")
+    seen = b""
+    while b"11 22\r\n" not in seen:
+        chunk = await asyncio.wait_for(ex.stdout.read_chunk(), 10)
+        assert chunk, seen
+        seen += chunk
+    assert seen == b"go\r\n11 22\r\n"
+    await ex.stdin.write(b"tail")  # a partial line, then the end: cat gets "tail", then EOF
+    await ex.stdin.close()
+    r = await asyncio.wait_for(ex.wait(), 10)
+    assert r.exit_code == 0 and r.stdout == "tailtail", r  # the echo, then cat's copy
+
+
+async def test_malformed_resize_is_ignored(agent: AgentOnHost) -> None:
+    from hutch.portal.codec import Frame, MsgType, Tag, encode_tlv
+
+    ex = await agent.spawn("sh", "-c", "read a; stty size", tty=(5, 6))
+    for bad in (encode_tlv([(Tag.ROWS, 0), (Tag.COLS, 9)]), encode_tlv([(Tag.ROWS, 9)]), b"\x01"):
+        await agent.channel._send(Frame(MsgType.RESIZE, ex.id, bad))
+    await ex.stdin.write(b"\n")
+    assert (await asyncio.wait_for(ex.wait(), 10)).stdout.endswith("5 6\r\n")

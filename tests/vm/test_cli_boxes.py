@@ -4,9 +4,15 @@ server in the background, which keeps the VM between commands."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import select
 import signal
+import struct
+import subprocess
+import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,3 +214,77 @@ def test_pool_status_and_set_across_processes(home: Path) -> None:
     assert json.loads(cli("pool", "--json")[1]) == []
     code, out, _ = cli("pool")
     assert "no warm pools" in out and servers_of(home) == [pid]
+
+
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _read_until(
+    fd: int, buf: bytearray, marker: bytes, start: int = 0, timeout: float = 30
+) -> None:
+    """Read the terminal into ``buf`` until ``marker`` shows up after ``buf[start:]``."""
+    deadline = time.monotonic() + timeout
+    while marker not in buf[start:]:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {marker!r} in {bytes(buf)!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                buf.extend(os.read(fd, 65536))
+            except OSError:  # EIO: the other side closed
+                raise AssertionError(f"terminal closed before {marker!r}: {bytes(buf)!r}") from None
+
+
+def test_exec_it_is_an_interactive_shell_in_a_real_terminal(home: Path) -> None:
+    """`hutch exec -it BOX sh` run on a real pseudo-terminal, as a user types into it: the
+    guest's terminal has our size and follows our window's resize, Ctrl-C interrupts the
+    foreground job in the guest (not hutch), and our terminal's settings come back after."""
+    env = {"HUTCH_HOME": str(home)}
+    assert hutch_cli("create", "--name", "t", env_extra=env).returncode == 0
+    assert hutch_cli("start", "t", env_extra=env).returncode == 0
+    master, slave = os.openpty()
+    _set_size(master, 30, 100)
+    before = termios.tcgetattr(master)  # a pty master reports its terminal's settings
+
+    def take_terminal() -> None:  # after setsid: the pty becomes our controlling terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "hutch"), "exec", "-it", "t", "sh"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, **env, "TERM": "xterm"},
+        start_new_session=True,
+        preexec_fn=take_terminal,
+    )
+    os.close(slave)
+    out = bytearray()
+    try:
+        _read_until(master, out, b"# ")  # the guest shell's prompt
+        os.write(master, b"stty size; echo $TERM\r")
+        _read_until(master, out, b"30 100\r\nxterm\r\n")
+        _set_size(master, 40, 120)  # the kernel sends hutch SIGWINCH
+        for _ in range(20):  # the resize travels hutch → server → guest meanwhile
+            mark = len(out)
+            os.write(master, b"stty size\r")
+            _read_until(master, out, b"# ", start=mark)
+            if b"40 120" in out[mark:]:
+                break
+            time.sleep(0.1)
+        assert b"40 120\r\n" in out
+        os.write(master, b"sleep 60; echo slept\r")
+        time.sleep(0.5)
+        os.write(master, b"\x03")  # Ctrl-C, typed
+        os.write(master, b"echo status=$?\r")
+        _read_until(master, out, b"status=130\r\n")
+        os.write(master, b"exit 3\r")
+        assert proc.wait(timeout=30) == 3
+        assert b"\nslept" not in out
+        after = termios.tcgetattr(master)
+        assert after == before, "hutch did not restore the terminal's settings"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)

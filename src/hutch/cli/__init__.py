@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import stat
@@ -304,6 +305,7 @@ async def _run(
     name: str | None,
     rm: bool,
     io: dict[str, Any] | None = None,
+    tty: bool = False,
 ) -> int:
     from hutch.cli.images import PullDisplay
     from hutch.images.pull import ensure_image
@@ -331,7 +333,17 @@ async def _run(
                     f"published {p.host_ip}:{p.host} -> {p.guest}/{p.protocol}", highlight=False
                 )
             return await _run_in(
-                box, image, cmd, env, workdir, user, timeout, interactive, show_boot, entrypoint
+                box,
+                image,
+                cmd,
+                env,
+                workdir,
+                user,
+                timeout,
+                interactive,
+                show_boot,
+                entrypoint,
+                tty,
             )
         finally:
             if remove:
@@ -351,7 +363,10 @@ async def _run_in(
     interactive: bool,
     show_boot: bool,
     entrypoint: str | None,
+    tty: bool = False,
 ) -> int:
+    from hutch.cli.terminal import attach_terminal, terminal_options
+
     if show_boot:
         err_console.print(f"[dim]booted {box.id} in {box.boot_ms:.0f} ms ({box.accel})[/]")
     # Like `docker run`: the image's Entrypoint stays and CMD replaces its Cmd;
@@ -368,10 +383,11 @@ async def _run_in(
             f"image {image!r} has no default command",
             hint="Give one: hutch run IMAGE -- CMD [ARG...]",
         )
+    spawn_args = terminal_options(env) if tty else {"env": env}
     execution = await box.spawn(
-        argv, env=env, cwd=workdir, user=user, timeout=timeout, stdin=interactive
+        argv, cwd=workdir, user=user, timeout=timeout, stdin=interactive, **spawn_args
     )
-    return await attach(execution, interactive)
+    return await (attach_terminal if tty else attach)(execution, interactive)
 
 
 async def attach(execution: Any, interactive: bool) -> int:
@@ -405,6 +421,10 @@ async def attach(execution: Any, interactive: bool) -> int:
                 while True:
                     await ready.wait()
                     ready.clear()
+                    # The readiness callback may be stale (queued before the last read took
+                    # the data): check again, or os.read() would block the whole loop.
+                    if not select.select([fd], [], [], 0)[0]:
+                        continue
                     if not (data := os.read(fd, 65536)):
                         break
                     await execution.stdin.write(data)
@@ -460,6 +480,7 @@ class _SplitAtDashDash(click.Command):
 @click.option("-w", "--workdir", help="Working directory in the guest.")
 @click.option("-u", "--user", help="User in the guest: name, uid or uid:gid.")
 @click.option("-i", "--interactive", is_flag=True, help="Forward our stdin to the command.")
+@click.option("-t", "--tty", is_flag=True, help="Run it on a terminal (with -i: interactively).")
 @click.option("--timeout", type=float, help="Kill the command after this many seconds.")
 @click.option("--cpus", type=int, default=1, show_default=True)
 @click.option("--memory", type=int, default=256, show_default=True, help="Guest memory in MiB.")
@@ -478,6 +499,7 @@ def run(
     workdir: str | None,
     user: str | None,
     interactive: bool,
+    tty: bool,
     timeout: float | None,
     cpus: int,
     memory: int,
@@ -502,6 +524,7 @@ def run(
     hutch run busybox -- sh -c 'echo out; echo err >&2; exit 7'
     hutch run debian-python -- python3 -c 'print(6 * 7)'
     hutch run -p 8080:80 -v /srv/www:/www:ro busybox -- httpd -f -p 80 -h /www
+    hutch run -it busybox -- sh
     """
     if "hutch_cmd" in ctx.meta:
         image_part, cmd = list(args), list(ctx.meta["hutch_cmd"])
@@ -528,6 +551,7 @@ def run(
                 name,
                 rm,
                 _box_io(publish, volumes, network),
+                tty,
             )
         )
     except TimeoutError as e:  # the command outlived --timeout: exit 124, like timeout(1)

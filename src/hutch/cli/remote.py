@@ -41,6 +41,7 @@ from hutch.cli import (
     err_console,
     main,
 )
+from hutch.cli.terminal import attach_terminal, terminal_options
 from hutch.errors import (
     ConnectionError,
     EngineError,
@@ -224,6 +225,7 @@ def _is_server(pid: int, paths: HutchPaths) -> bool:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 @click.option("-i", "--interactive", is_flag=True, help="Forward our stdin to the command.")
+@click.option("-t", "--tty", is_flag=True, help="Run it on a terminal (with -i: interactively).")
 @click.option("-e", "--env", "env", multiple=True, help="K=V (or K to pass ours).")
 @click.option("-w", "--workdir", help="Working directory in the guest.")
 @click.option("-u", "--user", help="User in the guest: name, uid or uid:gid.")
@@ -232,6 +234,7 @@ def exec_cmd(
     ctx: click.Context,
     args: tuple[str, ...],
     interactive: bool,
+    tty: bool,
     env: tuple[str, ...],
     workdir: str | None,
     user: str | None,
@@ -239,7 +242,8 @@ def exec_cmd(
 ) -> None:
     """Run CMD in a running box: hutch exec [OPTIONS] BOX [--] CMD [ARG...].
 
-    Exits with the command's status (128+N if killed by signal N, 124 on --timeout)."""
+    `hutch exec -it BOX sh` gives an interactive shell. Exits with the command's status (128+N
+    if killed by signal N, 124 on --timeout)."""
     if "hutch_cmd" in ctx.meta:
         head, cmd = list(args), list(ctx.meta["hutch_cmd"])
     else:
@@ -250,10 +254,11 @@ def exec_cmd(
 
     async def go() -> int:
         box = await running_box(paths, head[0])
+        spawn_args = terminal_options(_parse_env(env)) if tty else {"env": _parse_env(env)}
         execution = await box.spawn(
-            cmd, env=_parse_env(env), cwd=workdir, user=user, timeout=timeout, stdin=interactive
+            cmd, cwd=workdir, user=user, timeout=timeout, stdin=interactive, **spawn_args
         )
-        code: int = await attach(execution, interactive)
+        code: int = await (attach_terminal if tty else attach)(execution, interactive)
         return code
 
     try:

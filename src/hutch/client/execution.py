@@ -26,7 +26,7 @@ from hutch.errors import (
     PortalError,
     TimeoutError,
 )
-from hutch.execution import HOST_TIMEOUT_GRACE, ChunkReader, ExecResult
+from hutch.execution import HOST_TIMEOUT_GRACE, ChunkReader, ExecResult, terminal_size
 from hutch.server.wire import (
     CLOSE_SERVER_SHUTDOWN,
     MAX_CHUNK,
@@ -68,6 +68,7 @@ class RemoteOutputStream(ChunkReader):
         chunk = await self._queue.get()
         if chunk is None:
             self._eof = True
+            self._queue.put_nowait(None)  # wakes a concurrent reader (e.g. wait()) too
             return b""
         self.consumed_bytes += len(chunk)
         self._unacked += len(chunk)
@@ -129,9 +130,12 @@ class RemoteExecution:
         timeout: float | None,
         max_output: int,
         address: str,
+        tty: bool = False,
     ) -> None:
         self._ws = ws
         self.pid = pid
+        #: True if the process runs on a terminal (``spawn(tty=True)``).
+        self.tty = tty
         self.command = command
         self._window = max(1, window)
         self._timeout = timeout
@@ -181,6 +185,7 @@ class RemoteExecution:
             timeout=timeout,
             max_output=max_output,
             address=transport.address.url,
+            tty=bool(request.get("tty")),
         )
 
     # --- the connection -------------------------------------------------------------------
@@ -268,6 +273,17 @@ class RemoteExecution:
         """SIGKILL the process and everything in its process group."""
         if not self._finished:
             await self._send_control({"type": "kill"})
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal's window size (see :meth:`hutch.Execution.resize`)."""
+        if not self.tty:
+            raise BadRequestError(
+                f"{self.command!r} has no terminal to resize",
+                hint="Start it with spawn(..., tty=True).",
+            )
+        rows, cols = terminal_size(rows, cols)
+        if not self._finished:
+            await self._send_control({"type": "resize", "rows": rows, "cols": cols})
 
     async def wait(self, timeout: float | None = None) -> ExecResult:
         """Wait for the exit; output not consumed yet is collected into the result (see

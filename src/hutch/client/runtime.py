@@ -148,6 +148,8 @@ class RemoteBox:
         timeout: float | None = None,
         stdin: bytes | str | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+        tty: bool = False,
+        term_size: tuple[int, int] | None = None,
     ) -> ExecResult:
         """Run a command to completion (see :meth:`hutch.Box.exec`)."""
         body: dict[str, Any] = {
@@ -157,6 +159,8 @@ class RemoteBox:
             "user": user,
             "timeout": timeout,
             "max_output_bytes": max_output_bytes,
+            "tty": tty,
+            "term_size": term_size,
         }
         if isinstance(stdin, str):
             body["stdin"] = stdin
@@ -175,6 +179,8 @@ class RemoteBox:
         timeout: float | None = None,
         stdin: bool = True,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+        tty: bool = False,
+        term_size: tuple[int, int] | None = None,
     ) -> RemoteExecution:
         """Start a process and stream it over a WebSocket (see :meth:`hutch.Box.spawn`)."""
         if max_output_bytes < 0:
@@ -186,6 +192,8 @@ class RemoteBox:
             "user": user,
             "timeout": timeout,
             "stdin": stdin,
+            "tty": tty,
+            "term_size": term_size,
         }
         return await RemoteExecution.open(
             self._rt._t,

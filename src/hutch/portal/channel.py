@@ -90,9 +90,11 @@ class Hello:
 @dataclass(frozen=True)
 class Identity:
     """What a clone takes on when it resumes (``RESTORE``): a fresh RNG seed, the host's clock
-    (read when the frame is sent) and its hostname."""
+    (read when the frame is sent), its hostname and (1.4, boxes with a NIC) its MAC."""
 
     hostname: str
+    #: The NIC's new MAC (6 bytes), or None to keep it (no NIC, or an agent older than 1.4).
+    mac: bytes | None = None
     entropy: bytes = field(default_factory=lambda: os.urandom(RESTORE_ENTROPY), repr=False)
     nonce: bytes = field(default_factory=lambda: secrets.token_bytes(NONCE_LEN))
 
@@ -104,16 +106,19 @@ class Identity:
             raise BadRequestError(f"RESTORE carries 1 to {MAX_ENTROPY} bytes of entropy")
         if len(self.nonce) != NONCE_LEN:
             raise BadRequestError(f"a RESTORE nonce is {NONCE_LEN} bytes")
+        if self.mac is not None and len(self.mac) != 6:
+            raise BadRequestError("a MAC is 6 bytes")
 
     def encode(self, realtime_ns: int | None = None) -> bytes:
-        return encode_tlv(
-            [
-                (Tag.NONCE, self.nonce),
-                (Tag.ENTROPY, self.entropy),
-                (Tag.REALTIME_NS, time.time_ns() if realtime_ns is None else realtime_ns),
-                (Tag.HOSTNAME, self.hostname),
-            ]
-        )
+        entries: list[tuple[Tag, int | str | bytes]] = [
+            (Tag.NONCE, self.nonce),
+            (Tag.ENTROPY, self.entropy),
+            (Tag.REALTIME_NS, time.time_ns() if realtime_ns is None else realtime_ns),
+            (Tag.HOSTNAME, self.hostname),
+        ]
+        if self.mac is not None:
+            entries.append((Tag.MAC, self.mac))
+        return encode_tlv(entries)
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,8 @@ class SpawnRequest:
     user: str | None = None
     timeout_ms: int = 0
     stdin: bool = False
+    #: Run on a terminal (1.4) of this many (rows, columns); None = pipes.
+    tty: tuple[int, int] | None = None
 
     def encode(self) -> bytes:
         entries: list[tuple[Tag, int | str | bytes]] = [(Tag.ARG, a) for a in self.argv]
@@ -143,6 +150,8 @@ class SpawnRequest:
         if self.timeout_ms:
             entries.append((Tag.TIMEOUT_MS, self.timeout_ms))
         entries.append((Tag.STDIN, 1 if self.stdin else 0))
+        if self.tty is not None:
+            entries += [(Tag.TTY, 1), (Tag.ROWS, self.tty[0]), (Tag.COLS, self.tty[1])]
         return encode_tlv(entries)
 
 
@@ -294,6 +303,13 @@ class ProcessStream:
             return
         payload = encode_tlv([(Tag.SIGNAL, signo), (Tag.GROUP, 1 if group else 0)])
         await self.channel._send(Frame(MsgType.SIGNAL, self.id, payload))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal's size (1.4; the guest's foreground process gets ``SIGWINCH``)."""
+        if self.closed:
+            return
+        payload = encode_tlv([(Tag.ROWS, rows), (Tag.COLS, cols)])
+        await self.channel._send(Frame(MsgType.RESIZE, self.id, payload))
 
 
 class FileStream:

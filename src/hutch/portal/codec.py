@@ -19,10 +19,13 @@ PROTOCOL_VERSION = 1
 #: Minor version (HELLO's ``MINOR``; absent = 0). 1 adds FREEZE/FROZEN/THAW/RESTORE (snapshots):
 #: an agent that predates it cannot be snapshotted, everything else works as before. 2: the agent
 #: mounts volumes and configures the NIC at boot, and HELLO carries ``SETUP_ERROR``s. 3: file
-#: access (FILE_REQ/FILE_DATA/FILE_REPLY).
-PROTOCOL_MINOR = 3
+#: access (FILE_REQ/FILE_DATA/FILE_REPLY). 4: terminals (SPAWN's TTY/ROWS/COLS, RESIZE) and
+#: RESTORE's MAC.
+PROTOCOL_MINOR = 4
 #: The minor version that serves FILE_REQ.
 FILES_MINOR = 3
+#: The minor version that runs processes on a terminal and sets a clone's MAC.
+TTY_MINOR = 4
 #: Length of RESTORE's nonce (echoed in the HELLO that answers it).
 NONCE_LEN = 16
 #: Most entropy bytes one RESTORE may carry (the agent's limit too).
@@ -50,6 +53,7 @@ class MsgType(IntEnum):
     SPAWN = 0x20
     STDIN = 0x21
     SIGNAL = 0x22
+    RESIZE = 0x23
     CREDIT = 0x30
     STARTED = 0x40
     STDOUT = 0x41
@@ -95,6 +99,9 @@ class Tag(IntEnum):
     USER = 19
     TIMEOUT_MS = 20
     STDIN = 21
+    TTY = 22
+    ROWS = 23
+    COLS = 24
     SIGNAL = 32
     GROUP = 33
     FD = 34
@@ -109,6 +116,7 @@ class Tag(IntEnum):
     ENTROPY = 64
     REALTIME_NS = 65
     HOSTNAME = 66
+    MAC = 67
     OP = 80
     PATH = 81
     MODE = 82
@@ -140,6 +148,9 @@ U32_TAGS = frozenset(
         Tag.MINOR,
         Tag.TIMEOUT_MS,
         Tag.STDIN,
+        Tag.TTY,
+        Tag.ROWS,
+        Tag.COLS,
         Tag.SIGNAL,
         Tag.GROUP,
         Tag.FD,

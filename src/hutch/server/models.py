@@ -228,6 +228,13 @@ class _ExecBase(_Strict):
     timeout: float | None = Field(
         None, description="seconds; enforced in the guest (the process group is killed)"
     )
+    tty: bool = Field(False, description="run on a terminal: all output on stdout")
+    term_size: list[int] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="[rows, columns] of the terminal (needs tty; default [24, 80])",
+    )
 
 
 class ExecRequest(_ExecBase):

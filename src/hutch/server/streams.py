@@ -84,6 +84,8 @@ async def spawn(
         user=body.user,
         timeout=body.timeout,
         stdin=stdin,
+        tty=body.tty,
+        term_size=(body.term_size[0], body.term_size[1]) if body.term_size else None,
         **kwargs,
     )
 
@@ -340,6 +342,11 @@ class WsExec:
             await execution.signal(signo, group=group)
         elif kind == "kill":
             await execution.kill()
+        elif kind == "resize":
+            rows, cols = msg.get("rows"), msg.get("cols")
+            if not isinstance(rows, int) or not isinstance(cols, int):
+                raise BadRequestError("resize needs integer 'rows' and 'cols'")
+            await execution.resize(rows, cols)
         else:
             raise BadRequestError(f"unknown message type {kind!r}")
 

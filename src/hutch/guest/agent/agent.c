@@ -40,9 +40,10 @@
  */
 #define AGENT_VERSION "0.1.0"
 #define PROTOCOL_VERSION 1
-#define PROTOCOL_MINOR 3   /* 1.1: FREEZE/FROZEN/THAW/RESTORE (snapshots and clones);
+#define PROTOCOL_MINOR 4   /* 1.1: FREEZE/FROZEN/THAW/RESTORE (snapshots and clones);
+                              1.2: volumes and network at boot, SETUP_ERROR in HELLO;
                               1.3: FILE_REQ/FILE_DATA/FILE_REPLY (file access);
-                              1.2: volumes and network at boot, SETUP_ERROR in HELLO */
+                              1.4: terminals (SPAWN's TTY/ROWS/COLS, RESIZE), RESTORE's MAC */
 
 #include <dirent.h>
 #include <errno.h>
@@ -52,6 +53,7 @@
 #include <linux/random.h>
 #include <arpa/inet.h>
 #include <net/if.h>
+#include <net/if_arp.h>
 #include <net/route.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -90,16 +92,17 @@
 
 enum { T_HELLO = 0x01, T_PING = 0x02, T_PONG = 0x03, T_SHUTDOWN = 0x04, T_FREEZE = 0x05,
        T_FROZEN = 0x06, T_THAW = 0x07, T_RESTORE = 0x08, T_SPAWN = 0x20,
-       T_STDIN = 0x21, T_SIGNAL = 0x22, T_CREDIT = 0x30, T_STARTED = 0x40, T_STDOUT = 0x41,
+       T_STDIN = 0x21, T_SIGNAL = 0x22, T_RESIZE = 0x23, T_CREDIT = 0x30, T_STARTED = 0x40, T_STDOUT = 0x41,
        T_STDERR = 0x42, T_EXIT = 0x43, T_SPAWN_FAILED = 0x44,
        T_FILE_REQ = 0x50, T_FILE_DATA = 0x51, T_FILE_REPLY = 0x52 };
 
 enum { TAG_VERSION = 1, TAG_AGENT = 2, TAG_KERNEL = 3, TAG_BOOT_START_US = 4,
        TAG_BOOT_READY_US = 5, TAG_MINOR = 6, TAG_NONCE = 7, TAG_SETUP_ERROR = 8, TAG_ARG = 16, TAG_ENV = 17, TAG_CWD = 18, TAG_USER = 19,
-       TAG_TIMEOUT_MS = 20, TAG_STDIN = 21, TAG_SIGNAL = 32, TAG_GROUP = 33, TAG_FD = 34,
+       TAG_TIMEOUT_MS = 20, TAG_STDIN = 21, TAG_TTY = 22, TAG_ROWS = 23, TAG_COLS = 24,
+       TAG_SIGNAL = 32, TAG_GROUP = 33, TAG_FD = 34,
        TAG_BYTES = 35, TAG_PID = 48, TAG_EXIT_CODE = 49, TAG_TIMED_OUT = 50,
        TAG_DURATION_US = 51, TAG_ERRNO = 52, TAG_KIND = 53, TAG_MESSAGE = 54,
-       TAG_ENTROPY = 64, TAG_REALTIME_NS = 65, TAG_HOSTNAME = 66,
+       TAG_ENTROPY = 64, TAG_REALTIME_NS = 65, TAG_HOSTNAME = 66, TAG_MAC = 67,
        TAG_OP = 80, TAG_PATH = 81, TAG_MODE = 82, TAG_FLAGS = 83, TAG_FTYPE = 84, TAG_SIZE = 85,
        TAG_MTIME_NS = 86, TAG_LINK_TARGET = 87, TAG_ENTRY = 88, TAG_NAME = 89,
        TAG_TRUNCATED = 90 };
@@ -118,6 +121,8 @@ enum { TAG_VERSION = 1, TAG_AGENT = 2, TAG_KERNEL = 3, TAG_BOOT_START_US = 4,
 #define OUTQ_STOP_PORTAL (2u << 20)       /* stop reading host frames above this */
 #define OUTQ_MAX (64u << 20)              /* never reached given the two bounds above */
 #define STDOUT_PIPE_SIZE (256 << 10)      /* fewer wake-ups for bulk output */
+#define TTY_UNFLUSHED ((640u << 10) + 4096u)   /* a pty's flip buffers (6.1) + the ldisc's */
+#define MAC_LEN 6
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define MAX_VOLS 16                       /* volumes per box (host: options.MAX_VOLUMES) */
 #define MAX_SETUP_ERRORS 8                /* boot problems reported in HELLO */
@@ -424,6 +429,7 @@ struct proc {
     uint32_t stream;           /* 0 = detached: its host went away (PID 1 reconnect) */
     pid_t pid;                 /* also its process group id (setsid) */
     bool reaped, timed_out;
+    bool tty;                  /* a terminal: out_fd[0] and in_fd are (dups of) the pty master */
     int status;                /* wait status, valid once reaped */
     uint64_t start_us, end_us, deadline_us;   /* CLOCK_MONOTONIC; deadline 0 = none */
     int out_fd[2];             /* read ends of stdout, stderr; -1 once drained */
@@ -434,6 +440,7 @@ struct proc {
     uint8_t *in_buf;           /* stdin bytes not yet written: [in_head, in_len) */
     size_t in_head, in_len, in_cap;
     uint64_t in_unacked;       /* stdin bytes received but not yet credited back */
+    uint8_t in_last;           /* tty: the last byte written (0 = none yet or a newline) */
 };
 
 static struct proc procs[MAX_PROCS];
@@ -479,6 +486,19 @@ static void stdin_close(struct proc *p)
     close_fd(&p->in_fd);
 }
 
+/* End of input on a terminal: what a user typing Ctrl-D does. In canonical mode one VEOF ends
+ * the input at the start of a line; after a partial line the first one only submits that line.
+ * (Raw-mode programs just read the byte.) Best effort: a full input queue drops it. */
+static void tty_send_eof(struct proc *p)
+{
+    struct termios t;
+    if (tcgetattr(p->in_fd, &t) < 0 || !(t.c_lflag & ICANON))
+        return;
+    uint8_t eof[2] = { t.c_cc[VEOF], t.c_cc[VEOF] };
+    if (write(p->in_fd, eof, p->in_last ? 2 : 1) < 0)
+        dbg("stream %u: writing EOF to the terminal: %m", p->stream);
+}
+
 /* Write to a non-blocking pipe: bytes written (0 = would block), or -1 if the pipe is broken. */
 static ssize_t pipe_write(int fd, const uint8_t *d, size_t n)
 {
@@ -508,12 +528,16 @@ static void stdin_pump(struct proc *p)
         if (w == 0)
             break;
         p->in_head += (size_t)w;
+        p->in_last = p->in_buf[p->in_head - 1] == '\n' ? 0 : p->in_buf[p->in_head - 1];
         stdin_ack(p, (size_t)w);
     }
     if (p->in_head == p->in_len)
         p->in_head = p->in_len = 0;
-    if (p->in_fd >= 0 && p->in_eof && p->in_len == 0)
+    if (p->in_fd >= 0 && p->in_eof && p->in_len == 0) {
+        if (p->tty)
+            tty_send_eof(p);
         stdin_close(p);
+    }
 }
 
 /* A STDIN frame for p: buffer it (at most one window, since the host must respect its credit)
@@ -583,6 +607,8 @@ static void out_pump(struct proc *p, int i)
             continue;
         if (n < 0 && errno == EAGAIN && !p->reaped)
             return;
+        if (n < 0 && errno == EIO && p->tty)
+            break;   /* the terminal's last holder closed it; read() drained it before EIO */
         if (n < 0 && errno != EAGAIN)
             logmsg("stream %u: read %s: %m", p->stream, i ? "stderr" : "stdout");
         break;
@@ -643,6 +669,11 @@ static void reap_children(void)
                 bool ok = p->out_fd[k] >= 0 && ioctl(p->out_fd[k], FIONREAD, &avail) == 0;
                 p->out_left[k] = ok ? (size_t)avail : SIZE_MAX;
             }
+            /* A terminal's FIONREAD misses what still sits in its flip buffers (read() flushes
+             * them first): allow for them. Reading stops earlier at EIO or, if orphans still
+             * hold the terminal, when nothing more is there. */
+            if (p->tty && p->out_left[0] != SIZE_MAX)
+                p->out_left[0] += TTY_UNFLUSHED;
             break;
         }
     }
@@ -678,7 +709,7 @@ struct spawn_req {
     const uint8_t *arg[MAX_ARGS], *env[MAX_ENVS], *cwd, *user;
     uint32_t arg_len[MAX_ARGS], env_len[MAX_ENVS], cwd_len, user_len;
     size_t nargs, nenvs;
-    uint32_t timeout_ms, want_stdin;
+    uint32_t timeout_ms, want_stdin, want_tty, rows, cols;
 };
 
 struct cred {
@@ -701,7 +732,9 @@ static const char *parse_spawn(const uint8_t *payload, size_t len, struct spawn_
     r->cwd = r->user = NULL;   /* the big arrays need no clearing: nargs/nenvs bound them */
     r->cwd_len = r->user_len = 0;
     r->nargs = r->nenvs = 0;
-    r->timeout_ms = r->want_stdin = 0;
+    r->timeout_ms = r->want_stdin = r->want_tty = 0;
+    r->rows = 24;
+    r->cols = 80;
     while ((rc = tlv_next(&it, &tag, &v, &n)) > 0) {
         bool is_str = tag == TAG_ARG || tag == TAG_ENV || tag == TAG_CWD || tag == TAG_USER;
         if (is_str && memchr(v, 0, n))
@@ -727,12 +760,23 @@ static const char *parse_spawn(const uint8_t *payload, size_t len, struct spawn_
         case TAG_USER: r->user = v; r->user_len = n; break;
         case TAG_TIMEOUT_MS:
         case TAG_STDIN:
+        case TAG_TTY:
+        case TAG_ROWS:
+        case TAG_COLS:
             if (n != 4)
                 return "integer TLV is not 4 bytes";
             if (tag == TAG_TIMEOUT_MS)
                 r->timeout_ms = get32(v);
-            else if ((r->want_stdin = get32(v)) > 1)
+            else if (tag == TAG_STDIN && (r->want_stdin = get32(v)) > 1)
                 return "STDIN must be 0 or 1";
+            else if (tag == TAG_TTY && (r->want_tty = get32(v)) > 1)
+                return "TTY must be 0 or 1";
+            else if ((tag == TAG_ROWS || tag == TAG_COLS) && (get32(v) < 1 || get32(v) > 65535))
+                return "ROWS and COLS must be 1 to 65535";
+            else if (tag == TAG_ROWS)
+                r->rows = get32(v);
+            else if (tag == TAG_COLS)
+                r->cols = get32(v);
             break;
         default:
             break;   /* unknown tags are ignored */
@@ -909,8 +953,9 @@ static void exec_search(char *const argv[], char *const envp[])
 }
 
 /* In the child between fork and exec. Only the fds set up here survive exec. */
-static _Noreturn void child_main(int efd, int in_fd, int out_fd, int err_fd, const struct cred *c,
-                                 const char *cwd, char *const argv[], char *const envp[])
+static _Noreturn void child_main(int efd, int in_fd, int out_fd, int err_fd, bool tty,
+                                 const struct cred *c, const char *cwd, char *const argv[],
+                                 char *const envp[])
 {
     sigset_t none;
     sigemptyset(&none);
@@ -922,6 +967,8 @@ static _Noreturn void child_main(int efd, int in_fd, int out_fd, int err_fd, con
     if (in_fd < 0 && (in_fd = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0)
         child_fail(efd, STAGE_SETUP);
     if (dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0)
+        child_fail(efd, STAGE_SETUP);
+    if (tty && ioctl(0, TIOCSCTTY, 0) < 0)   /* a session leader takes its terminal */
         child_fail(efd, STAGE_SETUP);
     if (geteuid() == 0) {
         if (setgroups((size_t)c->ngroups, c->groups) < 0 || setgid(c->gid) < 0 ||
@@ -1011,7 +1058,22 @@ static void handle_spawn(uint32_t stream, const uint8_t *payload, size_t len)
 
     /* Pipes. The parent's ends are non-blocking; all are CLOEXEC (dup2 clears it in the child). */
     int out[2] = { -1, -1 }, errp[2] = { -1, -1 }, in[2] = { -1, -1 }, ep[2] = { -1, -1 };
-    if (pipe2(out, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 ||
+    if (req.want_tty) {
+        /* A terminal instead: the child gets the pty's peer as fds 0-2 (its controlling terminal);
+         * we read its output from the master (out[0]) and write its input to a dup (in[1]).
+         * TIOCGPTPEER opens the peer without a path lookup in the guest's /dev/pts. */
+        int unlock = 0;
+        struct winsize ws = { .ws_row = (unsigned short)req.rows, .ws_col = (unsigned short)req.cols };
+        if ((out[0] = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)) < 0 ||
+            ioctl(out[0], TIOCSPTLCK, &unlock) < 0 || ioctl(out[0], TIOCSWINSZ, &ws) < 0 ||
+            (out[1] = ioctl(out[0], TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0 ||
+            (in[1] = fcntl(out[0], F_DUPFD_CLOEXEC, 0)) < 0 || pipe2(ep, O_CLOEXEC) < 0) {
+            int e = errno;
+            snprintf(msg, sizeof msg, "cannot open a terminal: %s", strerror(e));
+            send_spawn_failed(stream, e, "resource", msg);
+            goto fail;
+        }
+    } else if (pipe2(out, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 ||
         (req.want_stdin && pipe2(in, O_CLOEXEC) < 0) || pipe2(ep, O_CLOEXEC) < 0 ||
         set_nonblock(out[0]) < 0 || set_nonblock(errp[0]) < 0 ||
         (req.want_stdin && set_nonblock(in[1]) < 0)) {
@@ -1020,7 +1082,8 @@ static void handle_spawn(uint32_t stream, const uint8_t *payload, size_t len)
         send_spawn_failed(stream, e, "resource", msg);
         goto fail;
     }
-    fcntl(out[0], F_SETPIPE_SZ, STDOUT_PIPE_SIZE);   /* best effort */
+    if (!req.want_tty)
+        fcntl(out[0], F_SETPIPE_SZ, STDOUT_PIPE_SIZE);   /* best effort */
 
     uint64_t start = mono_us();
     /* vfork: no copy of the agent's page tables and no copy-on-write faults afterwards, which
@@ -1034,7 +1097,8 @@ static void handle_spawn(uint32_t stream, const uint8_t *payload, size_t len)
         goto fail;
     }
     if (pid == 0)
-        child_main(ep[1], in[0], out[1], errp[1], &cred, cwd, argv, envp);
+        child_main(ep[1], req.want_tty ? out[1] : in[0], out[1], req.want_tty ? out[1] : errp[1],
+                   req.want_tty, &cred, cwd, argv, envp);
 
     close_fd(&ep[1]);
     close_fd(&out[1]);
@@ -1071,6 +1135,7 @@ static void handle_spawn(uint32_t stream, const uint8_t *payload, size_t len)
     p->used = true;
     p->stream = stream;
     p->pid = pid;
+    p->tty = req.want_tty;
     p->start_us = start;
     p->deadline_us = req.timeout_ms ? start + (uint64_t)req.timeout_ms * 1000u : 0;
     p->out_fd[0] = out[0];
@@ -1149,6 +1214,22 @@ static void set_realtime(uint64_t ns)
         logmsg("setting the clock: %m");
 }
 
+/* A clone's NIC takes the MAC its host gave it (the old one lives on in the restored memory).
+ * virtio-net changes it live and tells QEMU (VIRTIO_NET_F_CTRL_MAC_ADDR); arp_notify (set at
+ * boot) announces it with a gratuitous ARP. No eth0 (network "none") is fine. */
+static void set_mac(const uint8_t *mac)
+{
+    struct ifreq ifr = { 0 };
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "eth0");
+    ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+    memcpy(ifr.ifr_hwaddr.sa_data, mac, MAC_LEN);
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0 || (ioctl(s, SIOCSIFHWADDR, &ifr) < 0 && errno != ENODEV))
+        logmsg("setting eth0's MAC: %m");
+    if (s >= 0)
+        close(s);
+}
+
 /* FREEZE: answer FROZEN, then hold every later frame, so the byte streams in both directions
  * end on a frame boundary while the host pauses the VM (a snapshot must not catch half a
  * frame). A repeated FREEZE releases what is held first. */
@@ -1208,7 +1289,7 @@ static void handle_restore(const uint8_t *d, size_t len)
 {
     struct tlv_iter it = { d, len };
     uint16_t tag;
-    const uint8_t *v, *nonce = NULL, *entropy = NULL, *host = NULL;
+    const uint8_t *v, *nonce = NULL, *entropy = NULL, *host = NULL, *mac = NULL;
     uint32_t n, entropy_len = 0, host_len = 0;
     uint64_t ns = 0;
     bool have_ns = false;
@@ -1225,8 +1306,10 @@ static void handle_restore(const uint8_t *d, size_t len)
         } else if (tag == TAG_HOSTNAME && n >= 1 && n <= HOST_NAME_MAX && !memchr(v, 0, n)) {
             host = v;
             host_len = n;
+        } else if (tag == TAG_MAC && n == MAC_LEN) {
+            mac = v;
         } else if (tag == TAG_NONCE || tag == TAG_ENTROPY || tag == TAG_REALTIME_NS ||
-                   tag == TAG_HOSTNAME) {
+                   tag == TAG_HOSTNAME || tag == TAG_MAC) {
             rc = -1;
             break;
         }
@@ -1249,6 +1332,8 @@ static void handle_restore(const uint8_t *d, size_t len)
             set_realtime(ns);
         if (host && sethostname((const char *)host, host_len) < 0)
             logmsg("sethostname: %m");
+        if (mac)
+            set_mac(mac);
     }
     memcpy(g.nonce, nonce, NONCE_LEN);
     g.restored = true;
@@ -1703,6 +1788,21 @@ static void handle_frame(uint8_t type, uint32_t stream, const uint8_t *d, size_t
         if (!p->reaped && kill(b == 1 ? -p->pid : p->pid, (int)a) < 0)
             dbg("stream %u: kill(%d, %u): %m", stream, b == 1 ? -p->pid : p->pid, a);
         break;
+    case T_RESIZE: {
+        uint32_t rows = 0, cols = 0;
+        int fd = p && p->tty && !p->reaped ? (p->out_fd[0] >= 0 ? p->out_fd[0] : p->in_fd) : -1;
+        if (!p)
+            break;
+        if (!find_u32(d, len, TAG_ROWS, &rows, &bad) || !find_u32(d, len, TAG_COLS, &cols, &bad) ||
+            bad || rows < 1 || rows > 65535 || cols < 1 || cols > 65535) {
+            logmsg("stream %u: malformed RESIZE ignored", stream);
+            break;
+        }
+        struct winsize ws = { .ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols };
+        if (fd >= 0 && ioctl(fd, TIOCSWINSZ, &ws) < 0)   /* the kernel sends SIGWINCH */
+            dbg("stream %u: TIOCSWINSZ: %m", stream);
+        break;
+    }
     case T_CREDIT:
         if (!p) {
             struct xfer *x = stream ? find_xfer(stream) : NULL;
@@ -2195,6 +2295,12 @@ static void setup_network(const char *spec)
     }
     if (dns)
         write_resolv_conf(dns);
+    /* A clone changes its MAC (RESTORE): announce the new one at once (gratuitous ARP). */
+    int an = open("/proc/sys/net/ipv4/conf/eth0/arp_notify", O_WRONLY | O_CLOEXEC);
+    if (an < 0 || write(an, "1", 1) != 1)
+        logmsg("eth0: arp_notify: %m");
+    if (an >= 0)
+        close(an);
     dbg("eth0: %s/%ld gateway %s dns %s", addr, prefix, gw ? gw : "-", dns ? dns : "-");
 out:
     close(s);
