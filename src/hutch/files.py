@@ -56,6 +56,8 @@ MAX_NAME = 255
 UPLOAD_CHUNK = 256 << 10
 #: Default bound on the entries of one tree transfer.
 MAX_TREE_ENTRIES = 100_000
+#: Most entries one listing returns (a paged LIST of a huge or hostile directory stops there).
+MAX_LIST_ENTRIES = 1_000_000
 #: Deepest directory nesting a tree transfer follows.
 MAX_TREE_DEPTH = 128
 
@@ -207,9 +209,15 @@ class Files:
         return channel
 
     async def _simple(
-        self, op: FileOp, path: str, *, mode: int | None = None, flags: int = 0
+        self,
+        op: FileOp,
+        path: str,
+        *,
+        mode: int | None = None,
+        flags: int = 0,
+        cursor: int | None = None,
     ) -> Fields:
-        stream = await self._channel().file_request(op, path, mode=mode, flags=flags)
+        stream = await self._channel().file_request(op, path, mode=mode, flags=flags, cursor=cursor)
         return await stream.reply
 
     # --- metadata ---------------------------------------------------------------------------
@@ -230,24 +238,42 @@ class Files:
     async def list(self, path: str | os.PathLike[str] = "/") -> list[FileInfo]:
         """The entries of a guest directory (without ``.`` and ``..``), sorted by name.
 
-        One listing holds what fits in one frame (1 MiB: some 15 000 entries with short names);
-        a larger directory raises :class:`BadRequestError` rather than returning part of it.
+        A reply holds what fits in one frame (1 MiB: some 15 000 entries with short names); a
+        larger directory comes in pages (1.4), at most :data:`MAX_LIST_ENTRIES` entries in all
+        (:class:`BadRequestError` beyond). As with ``readdir``, entries added or removed while a
+        long directory is listed may be missed or seen twice.
         """
         p = guest_path(path)
-        fields = await self._simple(FileOp.LIST, p)
-        if fields.u(Tag.TRUNCATED, 0):
-            raise BadRequestError(
-                f"guest directory {p!r} has more entries than one listing holds",
-                hint="Split the directory, or archive it in the guest and download the archive.",
-            )
         out: list[FileInfo] = []
-        for raw in fields.all(Tag.ENTRY):
-            entry = decode_tlv(raw)
-            names = entry.all(Tag.NAME)
-            name = _text(names[-1]) if names else ""
-            if not valid_name(name):
-                raise PortalError(f"guest listed an invalid name {name[:80]!r} in {p!r}")
-            out.append(_info(name, entry))
+        cursor: int | None = None
+        seen: set[int] = set()
+        while True:
+            fields = await self._simple(FileOp.LIST, p, cursor=cursor)
+            for raw in fields.all(Tag.ENTRY):
+                entry = decode_tlv(raw)
+                names = entry.all(Tag.NAME)
+                name = _text(names[-1]) if names else ""
+                if not valid_name(name):
+                    raise PortalError(f"guest listed an invalid name {name[:80]!r} in {p!r}")
+                out.append(_info(name, entry))
+            if len(out) > MAX_LIST_ENTRIES:
+                raise BadRequestError(
+                    f"guest directory {p!r} has more than {MAX_LIST_ENTRIES} entries",
+                    hint="Split the directory, or archive it in the guest and download that.",
+                )
+            if not fields.u(Tag.TRUNCATED, 0):
+                break
+            cursor = fields.u(Tag.CURSOR)
+            if cursor is None:  # an agent older than 1.4: it cannot page
+                raise BadRequestError(
+                    f"guest directory {p!r} has more entries than one listing of this guest "
+                    "agent holds",
+                    hint="Run `hutch setup` and restart the box (newer agents page long "
+                    "listings), or split the directory.",
+                )
+            if cursor in seen:
+                raise PortalError(f"guest repeated a listing cursor for {p!r}")
+            seen.add(cursor)
         out.sort(key=lambda i: i.name)
         return out
 

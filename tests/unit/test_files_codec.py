@@ -111,6 +111,49 @@ async def test_truncated_listing_raises(monkeypatch: pytest.MonkeyPatch) -> None
     assert posixpath.join("/x", "y") == "/x/y"
 
 
+def _entry(name: str) -> bytes:
+    return encode_tlv([(Tag.NAME, name.encode()), (Tag.FTYPE, 1), (Tag.SIZE, 0)])
+
+
+async def test_a_long_listing_is_read_page_by_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    pages = {
+        None: [(Tag.ENTRY, _entry("b")), (Tag.TRUNCATED, 1), (Tag.CURSOR, 7)],
+        7: [(Tag.ENTRY, _entry("c")), (Tag.TRUNCATED, 1), (Tag.CURSOR, 9)],
+        9: [(Tag.ENTRY, _entry("a"))],
+    }
+    asked: list[int | None] = []
+
+    async def fake(self: Any, op: FileOp, path: str, **kw: Any) -> Fields:
+        asked.append(kw.get("cursor"))
+        return decode_tlv(encode_tlv(pages[kw.get("cursor")]))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Files, "_simple", fake)
+    names = [i.name for i in await Files(None).list("/x")]  # type: ignore[arg-type]
+    assert names == ["a", "b", "c"] and asked == [None, 7, 9]
+
+
+async def test_a_hostile_listing_cannot_go_on_forever(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def same_cursor(self: Any, op: FileOp, path: str, **kw: Any) -> Fields:
+        return decode_tlv(
+            encode_tlv([(Tag.ENTRY, _entry("a")), (Tag.TRUNCATED, 1), (Tag.CURSOR, 5)])
+        )
+
+    monkeypatch.setattr(Files, "_simple", same_cursor)
+    with pytest.raises(PortalError, match="repeated a listing cursor"):
+        await Files(None).list("/x")  # type: ignore[arg-type]
+
+    async def endless(self: Any, op: FileOp, path: str, **kw: Any) -> Fields:
+        nxt = (kw.get("cursor") or 0) + 1
+        return decode_tlv(
+            encode_tlv([(Tag.ENTRY, _entry("a")), (Tag.TRUNCATED, 1), (Tag.CURSOR, nxt)])
+        )
+
+    monkeypatch.setattr(Files, "_simple", endless)
+    monkeypatch.setattr("hutch.files.MAX_LIST_ENTRIES", 50)
+    with pytest.raises(BadRequestError, match="more than 50 entries"):
+        await Files(None).list("/x")  # type: ignore[arg-type]
+
+
 # --- a scripted hostile guest on a socket pair ----------------------------------------------
 
 

@@ -793,7 +793,13 @@ class PortalChannel:
         return stream
 
     async def file_request(
-        self, op: FileOp, path: str, *, mode: int | None = None, flags: int = 0
+        self,
+        op: FileOp,
+        path: str,
+        *,
+        mode: int | None = None,
+        flags: int = 0,
+        cursor: int | None = None,
     ) -> FileStream:
         """Send a FILE_REQ (1.3) for the normalised absolute guest ``path``; the stream's
         ``reply`` resolves when the guest answers (reads: after the data)."""
@@ -806,6 +812,8 @@ class PortalChannel:
             entries.append((Tag.MODE, mode))
         if flags:
             entries.append((Tag.FLAGS, flags))
+        if cursor is not None:
+            entries.append((Tag.CURSOR, cursor))
         stream_id = self._next_id
         self._next_id += 1
         stream = FileStream(self, stream_id, op, path)

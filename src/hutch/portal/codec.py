@@ -128,6 +128,7 @@ class Tag(IntEnum):
     ENTRY = 88
     NAME = 89
     TRUNCATED = 90
+    CURSOR = 91
 
 
 class FileOp(IntEnum):
@@ -174,6 +175,7 @@ U64_TAGS = frozenset(
         Tag.REALTIME_NS,
         Tag.SIZE,
         Tag.MTIME_NS,
+        Tag.CURSOR,
     }
 )
 _TLV_HEAD = struct.Struct("<HI")

@@ -105,7 +105,7 @@ enum { TAG_VERSION = 1, TAG_AGENT = 2, TAG_KERNEL = 3, TAG_BOOT_START_US = 4,
        TAG_ENTROPY = 64, TAG_REALTIME_NS = 65, TAG_HOSTNAME = 66, TAG_MAC = 67,
        TAG_OP = 80, TAG_PATH = 81, TAG_MODE = 82, TAG_FLAGS = 83, TAG_FTYPE = 84, TAG_SIZE = 85,
        TAG_MTIME_NS = 86, TAG_LINK_TARGET = 87, TAG_ENTRY = 88, TAG_NAME = 89,
-       TAG_TRUNCATED = 90 };
+       TAG_TRUNCATED = 90, TAG_CURSOR = 91 };
 
 /* Agent limits. */
 #define MAX_PROCS 256
@@ -1488,7 +1488,9 @@ static int rm_tree(int dirfd, const char *name, int depth)
     return unlinkat(dirfd, name, AT_REMOVEDIR);
 }
 
-static void file_list(uint32_t stream, const char *path)
+/* LIST: one reply of at most MAX_PAYLOAD; a longer directory is paged (1.4): the reply says
+ * TRUNCATED and where to go on (CURSOR, a telldir() position), and the host asks again from it. */
+static void file_list(uint32_t stream, const char *path, bool has_cursor, uint64_t cursor)
 {
     int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) {
@@ -1507,7 +1509,10 @@ static void file_list(uint32_t stream, const char *path)
     size_t len = 0;
     bool truncated = false;
     struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
+    if (has_cursor)
+        seekdir(d, (long)cursor);
+    long pos = telldir(d);   /* the position of the entry readdir() returns next */
+    for (; (e = readdir(d)) != NULL; pos = telldir(d)) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
             continue;
         struct stat st;
@@ -1520,7 +1525,7 @@ static void file_list(uint32_t stream, const char *path)
         memcpy(ent + 6, e->d_name, nl);
         el = 6 + nl;
         el += put_stat(ent + el, sizeof ent - el, &st, fd, e->d_name);
-        if (len + 6 + el + 16 > MAX_PAYLOAD) {
+        if (len + 6 + el + 24 > MAX_PAYLOAD) {
             truncated = true;
             break;
         }
@@ -1534,7 +1539,11 @@ static void file_list(uint32_t stream, const char *path)
         put16(replybuf + len, TAG_TRUNCATED);
         put32(replybuf + len + 2, 4);
         put32(replybuf + len + 6, 1);
-        len += 10;
+        put16(replybuf + len + 10, TAG_CURSOR);
+        put32(replybuf + len + 12, 8);
+        put32(replybuf + len + 16, (uint32_t)(uint64_t)pos);
+        put32(replybuf + len + 20, (uint32_t)((uint64_t)pos >> 32));
+        len += 24;
     }
     send_frame(T_FILE_REPLY, stream, replybuf, len);
 }
@@ -1545,7 +1554,8 @@ static void handle_file_req(uint32_t stream, const uint8_t *d, size_t len)
     uint16_t tag;
     const uint8_t *val;
     uint32_t n, op = 0, mode = 0644, flags = 0;
-    bool has_mode = false;
+    uint64_t cursor = 0;
+    bool has_mode = false, has_cursor = false;
     char path[PATH_MAX] = "";
     int r;
     if (stream == 0 || find_xfer(stream) || find_stream(stream)) {
@@ -1553,8 +1563,13 @@ static void handle_file_req(uint32_t stream, const uint8_t *d, size_t len)
         return;
     }
     while ((r = tlv_next(&it, &tag, &val, &n)) == 1) {
-        if ((tag == TAG_OP || tag == TAG_MODE || tag == TAG_FLAGS) && n != 4)
+        if (((tag == TAG_OP || tag == TAG_MODE || tag == TAG_FLAGS) && n != 4) ||
+            (tag == TAG_CURSOR && n != 8))
             goto bad;
+        if (tag == TAG_CURSOR) {
+            cursor = (uint64_t)get32(val) | (uint64_t)get32(val + 4) << 32;
+            has_cursor = true;
+        }
         if (tag == TAG_OP)
             op = get32(val);
         else if (tag == TAG_MODE) {
@@ -1583,7 +1598,7 @@ static void handle_file_req(uint32_t stream, const uint8_t *d, size_t len)
         send_frame(T_FILE_REPLY, stream, t.buf, t.len);
         return;
     case OP_LIST:
-        file_list(stream, path);
+        file_list(stream, path, has_cursor, cursor);
         return;
     case OP_READ:
     case OP_WRITE: {
