@@ -92,6 +92,19 @@ async def context_manager(runtime: boxlite.Boxlite) -> None:
         await execution.wait()
 
 
+async def terminal(runtime: boxlite.Boxlite) -> None:
+    box = await runtime.create(boxlite.BoxOptions(image=IMAGE))
+    execution = await box.exec("sh", ["-c", "stty size; read line; stty size"], tty=True)
+    lines = aiter(execution.stdout())
+    print(f"tty size: {(await anext(lines)).strip()}")
+    await execution.resize_tty(40, 100)
+    await execution.stdin().send_input("go\n")
+    rest = [line.strip() async for line in lines]
+    print(f"tty resized: {rest[-1]}")
+    await execution.wait()
+    await box.stop()
+
+
 async def main() -> None:
     runtime = boxlite.Boxlite.default()
     await basic_and_streaming(runtime)
@@ -100,6 +113,7 @@ async def main() -> None:
     await listing(runtime)
     await kill_a_command(runtime)
     await context_manager(runtime)
+    await terminal(runtime)
     print("done")
 
 

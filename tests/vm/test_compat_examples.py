@@ -69,6 +69,8 @@ def test_boxlite_native_api_and_metrics(home: Path) -> None:
         "listed: list-1 running",
         "killed: exit code -9",
         "pwd: /tmp",
+        "tty size: 24 80",
+        "tty resized: 40 100",
     ):
         assert line in out, line
     values = dict(line.split("=", 1) for line in out if "=" in line and " " not in line)

@@ -19,7 +19,7 @@ Programs written against the BoxLite Python SDK's documented API run with only t
   non-zero exit never raises — :class:`ExecError` is for programs to raise, as BoxLite documents.
 
 Not available (a :class:`ConfigError` says so): ``rootfs_path``, ``entrypoint``/``cmd``,
-``secrets``, ``detach``, ``tty``, ``allow_net`` egress lists, and BoxLite's sync (greenlet) API — use
+``secrets``, ``detach``, ``allow_net`` egress lists, and BoxLite's sync (greenlet) API — use
 :mod:`hutch.sync` for blocking code.
 """
 
@@ -503,8 +503,10 @@ class Execution:
     async def signal(self, signo: int) -> None:
         await self._native.signal(signo)
 
+    @_translating
     async def resize_tty(self, rows: int, cols: int) -> None:
-        raise _unsupported("tty", "Interactive terminals are planned; run without tty.")
+        """The terminal's size, for an execution started with ``tty=True``."""
+        await self._native.resize(rows, cols)
 
 
 # --- boxes ---------------------------------------------------------------------------------
@@ -554,13 +556,11 @@ class Box:
         timeout_secs: float | None = None,
         cwd: str | None = None,
     ) -> Execution:
-        if tty:
-            raise _unsupported("tty", "Interactive terminals are planned; run without tty.")
         if self._native.state in ("created", "stopped", "failed"):
             await self._native.start()  # BoxLite restarts a stopped box on exec
         pairs = dict(env.items()) if isinstance(env, Mapping) else dict(env or ())
         native = await self._native.spawn(
-            command, *(args or ()), env=pairs, user=user, cwd=cwd, timeout=timeout_secs
+            command, *(args or ()), env=pairs, user=user, cwd=cwd, timeout=timeout_secs, tty=tty
         )
         return Execution(native)
 
