@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 import hutch
-from hutch.errors import ConflictError, NotFoundError
+from hutch.errors import ConflictError, InvalidStateError, NotFoundError
 from hutch.runtime.snapshots import snapshots_root
 from hutch.runtime.store import BoxRecord
 from tests.support.homes import make_home
@@ -246,6 +246,25 @@ async def test_close_drains_everything(tmp_path: Path) -> None:
         await again.remove("keeper")
         assert await again.snapshots() == []
     assert list(snapshots_root(rt.paths).iterdir()) == []
+
+
+async def test_a_create_racing_close_leaves_nothing_running(tmp_path: Path) -> None:
+    """close() while a create() is handing out a pooled box: the box is not left running
+    without an owner — create() either returned it before close() stopped it, or it removed
+    the box and raised InvalidStateError."""
+    home = make_home(tmp_path / "race")
+    rt = hutch.Runtime(home, pool=[hutch.PoolSpec("busybox", size=1)])
+    await rt.wait_pool(180)
+    created, closed = await asyncio.gather(
+        rt.create(image="busybox"), rt.close(), return_exceptions=True
+    )
+    assert closed is None
+    if isinstance(created, BaseException):
+        assert isinstance(created, InvalidStateError), created
+    else:
+        assert created.state in ("stopped", "removed")
+    assert qemus_of(home) == []
+    assert [r.state for r in rt.store.list(include_pool=True)] in ([], ["stopped"])
 
 
 async def test_a_pool_from_config_drained_by_size_0(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -97,6 +98,8 @@ class Runtime:
         self._boxes: dict[str, Box] = {}  # live Box objects of this process, by id
         self._created: builtins.list[Box] = []  # every box this runtime made (for metrics)
         self._opened = False
+        # Bumped by close(): a create() that spans a close() must not leave its box behind.
+        self._generation = 0
         self.last_recovery: RecoveryReport | None = None
         # Warm pools: what is configured (started at open, forgotten at close), and what runs.
         self._pool_from_config = pool is True
@@ -189,6 +192,7 @@ class Runtime:
         runtime used again after ``close`` has no pools unless :meth:`configure_pool` makes
         some — then stop the boxes this process runs (their disks are kept; ``auto_remove``
         ones go)."""
+        self._generation += 1
         pools = list(self._pools.values())
         self._pools.clear()
         self._pool_specs.clear()
@@ -236,6 +240,7 @@ class Runtime:
 
         ConflictError if the name is taken."""
         await self.open()
+        generation = self._generation
         t0 = time.monotonic()
         snap: Snapshot | None = None
         if snapshot is not None:
@@ -252,7 +257,7 @@ class Runtime:
         if warm is not None:
             pooled = await self._hand_out(warm, opts, t0)
             if pooled is not None:
-                return pooled
+                return await self._register(pooled, generation)
             snap = warm.snapshot  # none ready: the box restores the pool's snapshot at start()
         box = Box._from_options(opts, home=self.paths.home)
         box.snapshot_id = snap.id if snap is not None else None
@@ -267,6 +272,18 @@ class Runtime:
             await asyncio.to_thread(self.store.insert, rec)
         box._recorded = True
         box._adopt = self._adopt
+        return await self._register(box, generation)
+
+    async def _register(self, box: Box, generation: int) -> Box:
+        """Count a new box as this runtime's — unless :meth:`close` ran since its ``create()``
+        began: nobody would stop it then, so it is removed and the caller told."""
+        if generation != self._generation:
+            with contextlib.suppress(HutchError):
+                await box.remove()
+            raise InvalidStateError(
+                "the runtime was closed while the box was being created; the box was removed",
+                hint="Create it again (the runtime opens again on use).",
+            )
         self._boxes[box.id] = box
         self._created.append(box)
         return box
@@ -332,8 +349,6 @@ class Runtime:
             pool.handed_out += 1
             box.boot_ms = (time.monotonic() - t0) * 1000.0
             box._adopt = self._adopt
-            self._boxes[box.id] = box
-            self._created.append(box)
             return box
         return None
 
