@@ -73,6 +73,7 @@ _WRAPPED: tuple[type, ...] = (
     _execution.OutputStream,
     _execution.InputStream,
     _files.Files,
+    _files.FileReader,
 )
 
 
@@ -101,10 +102,26 @@ class Synced:
                 return _wrap(run(attr(*args, **kwargs)))
 
             return blocking
+        if inspect.ismethod(attr):  # e.g. files.read_stream(): a reader to iterate blocking
+
+            @functools.wraps(attr)
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                return _wrap(attr(*args, **kwargs))
+
+            return wrapped
         return _wrap(attr)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._target, name, value)
+
+    def __enter__(self) -> Any:
+        run(self._target.__aenter__())
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        run(self._target.__aexit__(et, e, tb))
 
     def __iter__(self) -> Iterator[Any]:
         ait = self._target.__aiter__()

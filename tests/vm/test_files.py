@@ -173,6 +173,9 @@ async def test_sync_wrapper(tmp: Path) -> None:
         with hutch.sync.Box("busybox", memory_mib=128) as b:
             assert b.files.write("/tmp/sync.txt", b"sync", mode=0o600) == 4
             b.files.download("/tmp/sync.txt", tmp / "s.txt")
+            with b.files.read_stream("/tmp/sync.txt") as reader:  # blocking iteration
+                streamed = b"".join(reader)
+            assert streamed == b"sync"
             return b.files.read("/tmp/sync.txt"), [i.name for i in b.files.list("/tmp")]
 
     data, names = await asyncio.to_thread(blocking)

@@ -37,8 +37,17 @@ from hutch.runtime.pool import PoolSpec
     metavar="IMAGE[:CPUS:MEMORY]=SIZE",
     help="Keep SIZE restored boxes of IMAGE ready (repeatable; added to config.toml's [pool]).",
 )
+@click.option(
+    "--max-upload-mib",
+    type=click.IntRange(min=1),
+    help="Largest file a client may upload (PUT …/files/content), in MiB. Default 16384.",
+)
 def serve_cmd(
-    listen: str | None, token_file: Path | None, no_token: bool, pool: tuple[str, ...]
+    listen: str | None,
+    token_file: Path | None,
+    no_token: bool,
+    pool: tuple[str, ...],
+    max_upload_mib: int | None,
 ) -> None:
     """Serve the runtime over HTTP/WebSocket until SIGTERM or Ctrl-C (then stop its boxes)."""
     from hutch.server.serve import Listen, serve
@@ -63,6 +72,7 @@ def serve_cmd(
                 access_log=verbose,
                 on_ready=ready,
                 pools=pools,
+                max_upload=max_upload_mib << 20 if max_upload_mib else None,
             )
         )
     except HutchError as e:

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from hutch.client.execution import RemoteExecution
+from hutch.client.files import RemoteFiles
 from hutch.client.transport import Transport, quote_id
 from hutch.errors import BadRequestError
 from hutch.execution import DEFAULT_MAX_OUTPUT, HOST_TIMEOUT_GRACE, ExecResult
@@ -202,6 +203,11 @@ class RemoteBox:
             timeout=timeout,
             max_output=max_output_bytes,
         )
+
+    @property
+    def files(self) -> RemoteFiles:
+        """The box's files (the methods of :class:`hutch.files.Files`), over the server."""
+        return RemoteFiles(self)
 
     async def metrics(self) -> BoxMetrics:
         r = await self._rt._t.request("GET", f"{self._path}/metrics")

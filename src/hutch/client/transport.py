@@ -216,6 +216,40 @@ class Transport:
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
             raise self.dropped(e, f"{method} {path}") from None
 
+    async def stream_bytes(
+        self, path: str, *, params: Mapping[str, Any] | None = None
+    ) -> AsyncIterator[bytes]:
+        """A streamed ``GET`` answer's body, chunk by chunk (not retried)."""
+        try:
+            async with self.http.stream(
+                "GET", path, params=params, timeout=self._timeout(None)
+            ) as response:
+                if response.status_code >= 400:
+                    raise self.error_from(response.status_code, await response.aread())
+                async for chunk in response.aiter_bytes():
+                    if chunk:
+                        yield chunk
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            raise self.unreachable(e) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+            raise self.dropped(e, f"GET {path}") from None
+
+    async def upload(
+        self, path: str, content: AsyncIterator[bytes], *, params: Mapping[str, Any] | None = None
+    ) -> httpx.Response:
+        """``PUT`` a streamed body (chunked; not retried: the stream cannot be replayed)."""
+        try:
+            response = await self.http.put(
+                path, content=content, params=params, timeout=self._timeout(None)
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            raise self.unreachable(e) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+            raise self.dropped(e, f"PUT {path}") from None
+        if response.status_code >= 400:
+            raise self.error_from(response.status_code, response.content)
+        return response
+
     # --- WebSocket ------------------------------------------------------------------------
     async def websocket(self, path: str) -> Any:
         """An open ``websockets`` client connection to ``path``."""

@@ -37,6 +37,7 @@ from hutch.runtime.options import BoxOptions, Port, Volume
 from hutch.runtime.pool import PoolStatus
 from hutch.runtime.runtime import Runtime
 from hutch.server.auth import BearerAuth
+from hutch.server.files_routes import MAX_FILE, files_routes, is_upload
 from hutch.server.models import (
     BoxCreate,
     BoxInfo,
@@ -194,7 +195,7 @@ class BodyLimit:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_upload(scope):  # uploads have their own limit
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -253,10 +254,12 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
     return replayed
 
 
-def create_app(runtime: Runtime, *, token: str | None, max_body: int = MAX_BODY) -> FastAPI:
+def create_app(
+    runtime: Runtime, *, token: str | None, max_body: int = MAX_BODY, max_file: int = MAX_FILE
+) -> FastAPI:
     """The API over ``runtime`` (already open, or opened on first use). With ``token``, every
     request but ``GET /health`` needs ``Authorization: Bearer <token>``. Request bodies are
-    limited to ``max_body`` bytes (:class:`BodyLimit`)."""
+    limited to ``max_body`` bytes (:class:`BodyLimit`), file uploads to ``max_file``."""
     from hutch import __version__
 
     app = FastAPI(
@@ -277,6 +280,7 @@ def create_app(runtime: Runtime, *, token: str | None, max_body: int = MAX_BODY)
     _snapshot_routes(router, runtime)
     _pool_routes(router, runtime)
     _image_routes(router, runtime)
+    files_routes(router, runtime, max_file=max_file)
     app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=max_body)
     if token is not None:  # added last, so it runs first: no token, no body read

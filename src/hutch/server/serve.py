@@ -249,6 +249,7 @@ async def serve(
     access_log: bool = False,
     on_ready: Callable[[Listen], None] | None = None,
     pools: Sequence[PoolSpec] = (),
+    max_upload: int | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (see the module docstring for the shutdown sequence).
 
@@ -260,6 +261,7 @@ async def serve(
 
     from hutch.runtime.runtime import Runtime
     from hutch.server.app import create_app
+    from hutch.server.files_routes import MAX_FILE
     from hutch.server.wire import MAX_MESSAGE
 
     logging.getLogger("uvicorn.error").addFilter(_NOISE)  # (adding the same filter twice: no-op)
@@ -293,7 +295,7 @@ async def serve(
                     accel=spec.accel,
                 )
             config = uvicorn.Config(
-                create_app(runtime, token=token),
+                create_app(runtime, token=token, max_file=max_upload or MAX_FILE),
                 lifespan="off",
                 log_config=None,
                 access_log=access_log,
