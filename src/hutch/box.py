@@ -85,8 +85,9 @@ from hutch.vm.disk import (
     grow_overlay,
     storage_error,
 )
+from hutch.vm.egress import AllowList, EgressProxy, proxy_env
 from hutch.vm.migration import load_state, save_state, wait_chardev_open
-from hutch.vm.network import mac_for
+from hutch.vm.network import NetworkPlan, mac_for
 from hutch.vm.process import QemuProcess
 
 log = logging.getLogger("hutch")
@@ -214,6 +215,7 @@ class Box:
         ports: Sequence[Port] = (),
         volumes: Sequence[Volume] = (),
         network: NetworkMode = "none",
+        allow: Sequence[str] = (),
         id: str | None = None,
         _options: BoxOptions | None = None,
     ) -> None:
@@ -229,6 +231,7 @@ class Box:
             ports=ports,
             volumes=volumes,
             network=network,
+            allow=allow,
         )
         self.id = id or new_box_id()
         self.name = name or f"hutch-{self.id[-6:]}"
@@ -272,6 +275,7 @@ class Box:
         self._adopt: Callable[[Box], None] | None = None
         #: The ports published while running, host port 0 resolved (see :attr:`ports`).
         self._published: tuple[Port, ...] | None = None
+        self._egress: EgressProxy | None = None  # an allowlist box's proxy, while it runs
 
     @classmethod
     def _from_options(
@@ -476,6 +480,7 @@ class Box:
             await create_overlay(base, disk)
         extra_args = await self._size_disk(base, disk)
         io = attach.prepare(self.options, self.id, self.run_dir)  # volumes, NIC, ports
+        await self._start_egress(io.net)
         extra_args += io.kernel_args
         spec = VmSpec(
             kernel=manifest.kernel_path,
@@ -490,6 +495,7 @@ class Box:
             cpus=self.cpus,
             memory_mib=self.memory_mib,
             devices=io.devices,
+            spawns=io.net is not None and io.net.proxy_socket is not None,
             launcher=io.launcher,
         )
         qemu = self._qemu = await QemuProcess.start(spec, self.box_dir / "qemu.log")
@@ -538,7 +544,8 @@ class Box:
         kernel, initramfs = Path(snap.kernel), Path(snap.initramfs)
         if not (kernel.is_file() and initramfs.is_file()):  # rebuilt since: the state has
             kernel, initramfs = manifest.kernel_path, manifest.initramfs_path  # the RAM anyway
-        io = attach.net_devices(self.options, self.id)  # the snapshot's NIC (no volumes)
+        io = attach.net_devices(self.options, self.id, self.run_dir)  # the snapshot's NIC
+        await self._start_egress(io.net)
         spec = VmSpec(
             kernel=kernel,
             initramfs=initramfs,
@@ -554,6 +561,7 @@ class Box:
             ram_shared=False,
             incoming=True,
             devices=io.devices,
+            spawns=io.net is not None and io.net.proxy_socket is not None,
         )
         try:
             state_fd = os.open(folder / STATE_FILE, os.O_RDONLY | os.O_CLOEXEC)
@@ -720,10 +728,20 @@ class Box:
                     strict=False,
                 )
 
+    async def _start_egress(self, net: NetworkPlan | None) -> None:
+        """An allowlist box's filtering proxy, listening before QEMU starts (:mod:`hutch.vm.egress`)."""
+        if net is None or net.proxy_socket is None:
+            return
+        allow = AllowList.parse(self.options.allow)
+        self._egress = await EgressProxy.start(net.proxy_socket, allow, self.id)
+
     async def _teardown(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        egress_proxy, self._egress = self._egress, None
+        if egress_proxy is not None:
+            await egress_proxy.close()
         if self._qemu is not None:
             await self._qemu.stop()
             self._qemu = None
@@ -836,9 +854,11 @@ class Box:
         if not cmd and config is not None:
             cmd = tuple(self.default_command())
         argv = _argv(cmd)
-        # Defaults, weakest first: the image's Env/WorkingDir/User, then the box's options.
+        # Defaults, weakest first: the proxy of an allowlist box, the image's Env/WorkingDir/User,
+        # then the box's options.
         opts = self.options
-        env = {**(dict(config.env) if config else {}), **opts.env, **(env or {})}
+        proxy = proxy_env() if opts.network == "allowlist" else {}
+        env = {**proxy, **(dict(config.env) if config else {}), **opts.env, **(env or {})}
         if cwd is None:
             cwd = opts.workdir or (config.working_dir if config else None) or None
         if user is None:

@@ -23,7 +23,7 @@ from hutch.vm.cmdline import KERNEL_CMDLINE_MAX, VmSpec, check_kernel_cmdline, q
 def test_network_option_validated_and_stored() -> None:
     assert BoxOptions().network == "none"
     assert BoxOptions(network="outbound").to_json()["network"] == "outbound"
-    with pytest.raises(ConfigError, match="network must be one of none, outbound, not 'bridge'"):
+    with pytest.raises(ConfigError, match="network must be one of none, outbound, allowlist, not 'bridge'"):
         BoxOptions(network="bridge")  # type: ignore[arg-type]
     # rows stored before the field existed read back with the default
     old = BoxOptions().to_json()
@@ -174,9 +174,12 @@ def test_mac_is_stable_local_and_unicast() -> None:
     assert first & 0b10 and not first & 0b01 and len(mac.split(":")) == 6
 
 
+RUN = Path("/run/hutch-test/box")
+
+
 def test_network_plans() -> None:
-    assert network.plan(BoxOptions(), "b1") is None
-    out = network.plan(BoxOptions(network="outbound"), "b1")
+    assert network.plan(BoxOptions(), "b1", RUN) is None
+    out = network.plan(BoxOptions(network="outbound"), "b1", RUN)
     assert out is not None and not out.restricted
     assert out.kernel_args() == ["hutch.net=10.0.2.15/24,10.0.2.2,10.0.2.3"]
     assert out.qemu_args() == [
@@ -186,13 +189,19 @@ def test_network_plans() -> None:
         f"virtio-net-device,netdev=net0,mac={network.mac_for('b1')}",
     ]
     ports = [Port(8080, 80), Port(0, 53, "udp", "0.0.0.0")]
-    fwd = network.plan(BoxOptions(ports=ports), "b1")
+    fwd = network.plan(BoxOptions(ports=ports), "b1", RUN)
     assert fwd is not None and fwd.restricted
     assert fwd.kernel_args() == ["hutch.net=10.0.2.15/24"]  # no route, no DNS
     assert fwd.qemu_args()[1] == (
         "user,id=net0,restrict=on,ipv6=off,"
         "hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:0.0.0.0:0-:53"
     )
+    allow = network.plan(BoxOptions(network="allowlist", allow=["pypi.org"]), "b1", RUN)
+    assert allow is not None and allow.restricted and allow.proxy_socket == RUN / "egress.sock"
+    assert allow.kernel_args() == ["hutch.net=10.0.2.15/24"]
+    netdev = allow.qemu_args()[1]
+    assert "restrict=on" in netdev and "guestfwd=tcp:10.0.2.100:3128-cmd:" in netdev
+    assert netdev.endswith(str(RUN / "egress.sock"))
 
 
 def test_check_ports_names_a_taken_port() -> None:

@@ -40,6 +40,9 @@ def test_boxlite_options_become_native_options(tmp_path: Path) -> None:
     assert boxlite.BoxOptions().to_native().image == "busybox"
     assert boxlite.BoxOptions().to_native().network == "none"
     assert boxlite.BoxOptions(network=boxlite.NetworkSpec()).to_native().network == "outbound"
+    net = boxlite.NetworkSpec(allow_net=["10.0.0.0/8", "pypi.org"])
+    native = boxlite.BoxOptions(network=net).to_native()
+    assert (native.network, native.allow) == ("allowlist", ("10.0.0.0/8", "pypi.org"))
     assert boxlite.BoxOptions(auto_remove=False).to_native().auto_remove is False
 
 
@@ -49,7 +52,7 @@ def test_boxlite_options_become_native_options(tmp_path: Path) -> None:
         ({"rootfs_path": "/srv/rootfs"}, "rootfs_path"),
         ({"cmd": ["sleep", "1"]}, "cmd"),
         ({"detach": True}, "detach"),
-        ({"network": boxlite.NetworkSpec(allow_net=["10.0.0.0/8"])}, "allow_net"),
+        ({"network": boxlite.NetworkSpec(allow_net=["bad host!"])}, "neither a CIDR"),
         ({"volumes": [("/a", "/b", "ro")]}, "read_only"),
         ({"volumes": ["/a:/b"]}, r"volumes\[0\]"),
         ({"ports": [(0, 70000)]}, r"ports\[0\].guest"),

@@ -43,7 +43,9 @@ async def test_clone_of_an_outbound_box_gets_a_new_mac(tmp_path: Path) -> None:
                 # the network still works with the new address: a round trip through slirp
                 # (frames back to the guest are addressed to its new MAC)
                 # (no `wget -T`: Debian's busybox 1.35 wget crashes with SIGSEGV when given it)
-                r = await clone.exec("wget", "-q", "-O", "-", f"http://{GATEWAY}:{port}/", timeout=30)
+                r = await clone.exec(
+                    "wget", "-q", "-O", "-", f"http://{GATEWAY}:{port}/", timeout=30
+                )
                 assert r.assert_success().stdout == "from-host"
             finally:
                 await rt.remove(clone.id, force=True)

@@ -246,11 +246,18 @@ def doctor(as_json: bool, reprobe: bool) -> None:
 def box_io_options(f: Any) -> Any:
     """``-p/--publish``, ``-v/--volume`` and ``--network`` (for ``run`` and ``create``)."""
     f = click.option(
+        "--allow",
+        "allow",
+        multiple=True,
+        metavar="CIDR|HOST",
+        help="With --network allowlist (implied): a CIDR, host name or *.suffix it may reach.",
+    )(f)
+    f = click.option(
         "--network",
-        type=click.Choice(["none", "outbound"]),
-        default="none",
-        show_default=True,
-        help="none: no network (published ports still work); outbound: user-mode NAT.",
+        type=click.Choice(["none", "outbound", "allowlist"]),
+        default=None,
+        help="none (default): no network (published ports still work); outbound: user-mode "
+        "NAT; allowlist: only what --allow lists, through an HTTP proxy.",
     )(f)
     f = click.option(
         "-v",
@@ -268,14 +275,20 @@ def box_io_options(f: Any) -> Any:
     )(f)
 
 
-def _box_io(publish: Sequence[str], volumes: Sequence[str], network: str) -> dict[str, Any]:
+def _box_io(
+    publish: Sequence[str],
+    volumes: Sequence[str],
+    network: str | None,
+    allow: Sequence[str] = (),
+) -> dict[str, Any]:
     """BoxOptions keywords from the ``box_io_options`` flags (ConfigError for a bad spec)."""
     from hutch.runtime.options import Port, Volume
 
     return {
         "ports": [Port.parse(p) for p in publish],
         "volumes": [Volume.parse(v) for v in volumes],
-        "network": network,
+        "network": network or ("allowlist" if allow else "none"),
+        "allow": list(allow),
     }
 
 
@@ -510,7 +523,8 @@ def run(
     rm: bool,
     publish: tuple[str, ...],
     volumes: tuple[str, ...],
-    network: str,
+    network: str | None,
+    allow: tuple[str, ...],
 ) -> None:
     """Boot a box from IMAGE (default: busybox), run CMD in it, then remove the box — or, with
     --name (and without --rm), keep it stopped, for `hutch start`/`exec` later.
@@ -550,7 +564,7 @@ def run(
                 entrypoint,
                 name,
                 rm,
-                _box_io(publish, volumes, network),
+                _box_io(publish, volumes, network, allow),
                 tty,
             )
         )

@@ -97,7 +97,8 @@ def create_cmd(
     as_json: bool,
     publish: tuple[str, ...],
     volumes: tuple[str, ...],
-    network: str,
+    network: str | None,
+    allow: tuple[str, ...],
     snapshot: str | None,
 ) -> None:
     """Create a box from IMAGE (default: busybox) without starting it; print its id.
@@ -131,7 +132,7 @@ def create_cmd(
             labels=label_map,
             auto_remove=auto_remove,
             accel=accel,
-            **_box_io(publish, volumes, network),
+            **_box_io(publish, volumes, network, allow),
         )
         async with Runtime() as rt:
             box = await rt.create(options)

@@ -190,6 +190,8 @@ def clone_overrides(ctx: click.Context) -> dict[str, Any]:
         out["volumes"] = [Volume.parse(v) for v in given["volumes"]]
     if "network" in given:
         out["network"] = given["network"]
+    if "allow" in given:
+        out["allow"] = list(given["allow"])
     return out
 
 

@@ -19,7 +19,7 @@ Programs written against the BoxLite Python SDK's documented API run with only t
   non-zero exit never raises — :class:`ExecError` is for programs to raise, as BoxLite documents.
 
 Not available (a :class:`ConfigError` says so): ``rootfs_path``, ``entrypoint``/``cmd``,
-``secrets``, ``detach``, ``allow_net`` egress lists, and BoxLite's sync (greenlet) API — use
+``secrets``, ``detach``, and BoxLite's sync (greenlet) API — use
 :mod:`hutch.sync` for blocking code.
 """
 
@@ -212,13 +212,9 @@ class BoxOptions:
         ):
             if value:
                 raise _unsupported(what, "Pass the command to exec(), values in env.")
-        network = "none"
+        network, allow = "none", list(self.network.allow_net if self.network else ())
         if self.network is not None and self.network.mode != "disabled":
-            if self.network.allow_net:
-                raise _unsupported(
-                    "allow_net", "Egress allow-lists are planned; use NetworkSpec(mode='enabled')."
-                )
-            network = "outbound"
+            network = "allowlist" if allow else "outbound"
         native: dict[str, Any] = {
             "image": self.image or "busybox",
             "name": name,
@@ -227,6 +223,7 @@ class BoxOptions:
             "user": self.user,
             "auto_remove": True if self.auto_remove is None else self.auto_remove,
             "network": network,
+            "allow": allow,
             "volumes": [_volume(v, i) for i, v in enumerate(self.volumes)],
             "ports": [_port(p, i) for i, p in enumerate(self.ports)],
         }

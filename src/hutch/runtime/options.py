@@ -35,12 +35,13 @@ from typing import Any, Literal
 from hutch.errors import ConfigError
 from hutch.vm.accel import ACCELS
 
-NetworkMode = Literal["none", "outbound"]
+NetworkMode = Literal["none", "outbound", "allowlist"]
 
 PROTOCOLS = ("tcp", "udp")
 #: ``none``: no network (a box with published ports gets a NIC that only carries their
-#: forwards); ``outbound``: user-mode NAT to wherever the host can reach.
-NETWORK_MODES = ("none", "outbound")
+#: forwards); ``outbound``: user-mode NAT to wherever the host can reach; ``allowlist``: only
+#: the hosts and networks ``allow`` lists, through a filtering HTTP proxy (:mod:`hutch.vm.egress`).
+NETWORK_MODES = ("none", "outbound", "allowlist")
 #: Most volumes one box may have (each is a virtio-mmio device; microvm has 24 slots).
 MAX_VOLUMES = 16
 #: Most published ports one box may have (each is a listening socket of its QEMU).
@@ -284,6 +285,8 @@ class BoxOptions:
     volumes: Sequence[Volume] = ()
     #: ``"none"`` (no network; published ports still work) or ``"outbound"`` (NAT).
     network: NetworkMode = "none"
+    #: With ``network="allowlist"``: CIDRs, host names and ``*.suffix`` patterns the box may reach.
+    allow: Sequence[str] = ()
     auto_remove: bool = False
     accel: str = "auto"
     boot_timeout: float = 30.0
@@ -295,6 +298,9 @@ class BoxOptions:
         set_(self, "labels", _frozen_mapping("labels", self.labels))
         set_(self, "ports", _frozen_items("ports", self.ports, Port))
         set_(self, "volumes", _frozen_items("volumes", self.volumes, Volume))
+        if isinstance(self.allow, str):
+            raise ConfigError("allow must be a list of CIDRs and host names, not a string")
+        set_(self, "allow", tuple(self.allow))
         self.validate(host=_HOST_CHECKS.get())
 
     def validate(self, *, host: bool = True) -> None:
@@ -326,7 +332,23 @@ class BoxOptions:
             raise ConfigError(
                 f"network must be one of {', '.join(NETWORK_MODES)}, not {self.network!r}",
                 hint="'none': no network (published ports still work); 'outbound': user-mode "
-                "NAT to what the host can reach.",
+                "NAT to what the host can reach; 'allowlist': only what allow= lists.",
+            )
+        if self.network == "allowlist":
+            from hutch.vm.egress import AllowList
+
+            if not self.allow:
+                raise ConfigError(
+                    "network='allowlist' needs allow=[...]: the CIDRs and host names the box "
+                    "may reach",
+                    hint="e.g. allow=['pypi.org', '*.pythonhosted.org', '10.1.0.0/16'], or "
+                    "network='none' for no network at all.",
+                )
+            AllowList.parse(self.allow)
+        elif self.allow:
+            raise ConfigError(
+                f"allow= is only for network='allowlist', not {self.network!r}",
+                hint="Pass network='allowlist' with it.",
             )
         self._validate_ports()
         self._validate_volumes(host=host)
@@ -427,6 +449,7 @@ class BoxOptions:
             "ports": [p.to_json() for p in self.ports],
             "volumes": [v.to_json() for v in self.volumes],
             "network": self.network,
+            "allow": list(self.allow),
             "auto_remove": self.auto_remove,
             "accel": self.accel,
             "boot_timeout": self.boot_timeout,

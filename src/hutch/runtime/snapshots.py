@@ -136,6 +136,7 @@ MACHINE_FIELDS = (
     "ports",
     "volumes",
     "network",
+    "allow",
 )
 
 

@@ -81,7 +81,12 @@ class BoxOptionsModel(_Strict):
     ports: list[PortModel] = Field(default_factory=list)
     volumes: list[VolumeModel] = Field(default_factory=list)
     network: str = Field(
-        _DEFAULTS.get("network", "none"), description="none (no network) or outbound (NAT)"
+        _DEFAULTS.get("network", "none"),
+        description="none (no network), outbound (NAT) or allowlist (only what allow lists)",
+    )
+    allow: list[str] = Field(
+        default_factory=list,
+        description="network allowlist: CIDRs, host names and *.suffix patterns",
     )
     auto_remove: bool = _DEFAULTS["auto_remove"]
     accel: str = _DEFAULTS["accel"]

@@ -40,9 +40,9 @@ class Attachments:
         return self.net is None and not self.mounts
 
 
-def net_devices(options: BoxOptions, box_id: str) -> Attachments:
+def net_devices(options: BoxOptions, box_id: str, run_dir: Path) -> Attachments:
     """The NIC only (a restored clone: its volumes were refused at snapshot time)."""
-    net = network.plan(options, box_id)
+    net = network.plan(options, box_id, run_dir)
     if net is None:
         return Attachments()
     return Attachments(net.qemu_args(), net.kernel_args(), net=net)
@@ -54,7 +54,7 @@ def prepare(options: BoxOptions, box_id: str, run_dir: Path) -> Attachments:
     ConfigError/ConflictError name the option at fault."""
     mounts = volumes.plan(options.volumes)
     network.check_ports(options.ports, options.network)
-    net = network.plan(options, box_id)
+    net = network.plan(options, box_id, run_dir)
     staging = run_dir / volumes.STAGING_DIR
     launcher: list[str] = []
     devices: list[str] = []

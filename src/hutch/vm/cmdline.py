@@ -42,6 +42,8 @@ class VmSpec:
     #: Volumes (``-fsdev`` + ``virtio-9p-device``, :mod:`hutch.vm.volumes`) and the NIC
     #: (``-netdev user`` + ``virtio-net-device``, :mod:`hutch.vm.network`).
     devices: list[str] = field(default_factory=list)
+    #: QEMU starts helper processes (the egress relay of an allowlist box: see -sandbox).
+    spawns: bool = False
     #: What QEMU is started through (the volumes' mount namespace: ``unshare … sh -c …``); the
     #: QEMU command follows it.
     launcher: list[str] = field(default_factory=list)
@@ -99,7 +101,13 @@ def _qemu_argv(spec: VmSpec, binary: str) -> list[str]:
         f"memory-backend-file,id=ram0,size={mem},mem-path={spec.ram_file},"
         f"share={'on' if spec.ram_shared else 'off'}",
         *BASE_OPTIONS,
-        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+        # An allowlist box's QEMU spawns the egress relay per guest connection (guestfwd cmd:),
+        # and libslirp's spawn calls setsid(), which elevateprivileges=deny forbids (so does
+        # "children", measured on QEMU 7.2). QEMU never drops privileges here (no -runas), so
+        # allowing set*id costs such a box little; fork/exec stay allowed for every box anyway.
+        "-sandbox",
+        "on,obsolete=deny,resourcecontrol=deny,"
+        + ("elevateprivileges=allow" if spec.spawns else "elevateprivileges=deny"),
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initramfs),
         "-append", spec.cmdline,

@@ -36,9 +36,11 @@ import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from hutch.errors import ConfigError, ConflictError, EngineError
 from hutch.runtime.options import BoxOptions, Port
+from hutch.vm import egress
 
 GUEST_IP = "10.0.2.15"
 PREFIX = 24
@@ -68,6 +70,8 @@ class NetworkPlan:
     mode: str
     ports: tuple[Port, ...]
     mac: str
+    #: allowlist: the proxy's Unix socket the guestfwd relay joins (see :mod:`hutch.vm.egress`).
+    proxy_socket: Path | None = None
 
     @property
     def restricted(self) -> bool:
@@ -81,6 +85,9 @@ class NetworkPlan:
             "ipv6=off",  # the guest kernel has no IPv6
             *(f"hostfwd={hostfwd(p)}" for p in self.ports),
         ]
+        if self.proxy_socket is not None:
+            relay = egress.relay_command(self.proxy_socket)
+            netdev.append(f"guestfwd=tcp:{egress.PROXY_ADDR}:{egress.PROXY_PORT}-cmd:{relay}")
         return [
             "-netdev",
             ",".join(netdev),
@@ -94,11 +101,12 @@ class NetworkPlan:
         return [f"hutch.net={GUEST_IP}/{PREFIX},{GATEWAY},{DNS}"]
 
 
-def plan(options: BoxOptions, box_id: str) -> NetworkPlan | None:
+def plan(options: BoxOptions, box_id: str, run_dir: Path) -> NetworkPlan | None:
     """The box's NIC, or None when it needs none (network "none" and no published ports)."""
     if options.network == "none" and not options.ports:
         return None
-    return NetworkPlan(options.network, tuple(options.ports), mac_for(box_id))
+    sock = run_dir / egress.SOCKET_NAME if options.network == "allowlist" else None
+    return NetworkPlan(options.network, tuple(options.ports), mac_for(box_id), sock)
 
 
 def _where(ports: Sequence[Port], port: Port) -> str:
