@@ -56,6 +56,8 @@ MAX_NAME = 255
 UPLOAD_CHUNK = 256 << 10
 #: Default bound on the entries of one tree transfer.
 MAX_TREE_ENTRIES = 100_000
+#: What :meth:`Files.write` takes: bytes (``str`` is UTF-8) or an (async) iterable of chunks.
+WriteData = bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[bytes]
 #: Most entries one listing returns (a paged LIST of a huge or hostile directory stops there).
 MAX_LIST_ENTRIES = 1_000_000
 #: Deepest directory nesting a tree transfer follows.
@@ -311,7 +313,7 @@ class Files:
     async def write(
         self,
         path: str | os.PathLike[str],
-        data: bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[bytes],
+        data: WriteData,
         *,
         mode: int = 0o644,
     ) -> int:
@@ -324,24 +326,10 @@ class Files:
         p = guest_path(path)
         stream = await self._channel().file_request(FileOp.WRITE, p, mode=mode & 0o7777)
         try:
-            if isinstance(data, str):
-                data = data.encode()
-            if isinstance(data, bytes | bytearray | memoryview):
-                view = memoryview(data).cast("B")
-                for off in range(0, len(view), 1 << 20):
-                    await stream.write(view[off : off + (1 << 20)])
-                    if stream.closed:
-                        break
-            elif isinstance(data, AsyncIterable):
-                async for chunk in data:
-                    await stream.write(chunk)
-                    if stream.closed:
-                        break
-            else:
-                for chunk in data:
-                    await stream.write(chunk)
-                    if stream.closed:
-                        break
+            async for chunk in byte_chunks(data):
+                await stream.write(chunk)
+                if stream.closed:
+                    break
             await stream.end()
             fields = await stream.reply
         except BaseException:
@@ -515,6 +503,23 @@ class Files:
             else:
                 report.skipped.append((child_rel, "special file"))
         os.fchmod(dir_fd, (info.mode & 0o777) | 0o700)
+
+
+async def byte_chunks(data: WriteData) -> AsyncIterator[bytes | memoryview]:
+    """What :meth:`Files.write` takes, as chunks: bytes in slices of 1 MiB (``str`` as UTF-8),
+    an (async) iterable's chunks as they come."""
+    if isinstance(data, str):
+        data = data.encode()
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data).cast("B")
+        for off in range(0, len(view), 1 << 20):
+            yield view[off : off + (1 << 20)]
+    elif isinstance(data, AsyncIterable):
+        async for chunk in data:
+            yield chunk
+    else:
+        for chunk in data:
+            yield chunk
 
 
 def _link_stays_inside(target: str) -> bool:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from hutch.files import FileInfo, FileReader, Files, guest_path
+from hutch.files import FileInfo, FileReader, Files, WriteData, byte_chunks, guest_path
 
 if TYPE_CHECKING:
     from hutch.client.runtime import RemoteBox
@@ -116,23 +116,13 @@ class RemoteFiles(Files):
     async def write(
         self,
         path: str | os.PathLike[str],
-        data: bytes | bytearray | memoryview | str | AsyncIterable[bytes] | Iterable[bytes],
+        data: WriteData,
         *,
         mode: int = 0o644,
     ) -> int:
         async def chunks() -> AsyncIterator[bytes]:
-            if isinstance(data, str):
-                yield data.encode()
-            elif isinstance(data, bytes | bytearray | memoryview):
-                view = memoryview(data).cast("B")
-                for off in range(0, len(view), 1 << 20):
-                    yield bytes(view[off : off + (1 << 20)])
-            elif isinstance(data, AsyncIterable):
-                async for chunk in data:
-                    yield bytes(chunk)
-            else:
-                for chunk in data:
-                    yield bytes(chunk)
+            async for chunk in byte_chunks(data):
+                yield bytes(chunk)
 
         params = {"path": guest_path(path), "mode": mode & 0o7777}
         r = await self._remote._rt._t.upload(self._url("content"), chunks(), params=params)
