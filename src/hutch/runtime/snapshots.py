@@ -160,6 +160,8 @@ def clone_options(
         changes.update({f: getattr(options, f) for f in CLONE_OVERRIDES})
     for key, value in overrides.items():
         if key in MACHINE_FIELDS:
+            if isinstance(value, list):  # e.g. allow=[] from JSON: options hold tuples
+                value = tuple(value)
             if value != getattr(base, key):
                 raise ConfigError(
                     f"{key} must be the snapshot's ({getattr(base, key)!r}) for a box made from "
