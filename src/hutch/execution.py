@@ -96,12 +96,30 @@ class ExecResult:
 
 
 class ChunkReader:
-    """What every output stream offers on top of its ``read_chunk()``: ``async for chunk in
-    stream`` and a bounded ``read()`` (shared by local and remote executions)."""
+    """An output stream fed through a queue (``None`` = end of output), shared by local and
+    remote executions: ``read_chunk()``, ``async for chunk in stream`` and a bounded ``read()``.
+    Subclasses say what consuming a chunk gives back (credit to the guest, an ack to the
+    server) in :meth:`_consumed`."""
 
     _fd: int
+    _queue: asyncio.Queue[bytes | None]
+    _eof: bool
+    consumed_bytes: int
 
     async def read_chunk(self) -> bytes:
+        """The next chunk, or ``b""`` at end of output."""
+        if self._eof:
+            return b""
+        chunk = await self._queue.get()
+        if chunk is None:
+            self._eof = True
+            self._queue.put_nowait(None)  # wakes a concurrent reader (e.g. wait()) too
+            return b""
+        self.consumed_bytes += len(chunk)
+        await self._consumed(len(chunk))
+        return chunk
+
+    async def _consumed(self, n: int) -> None:
         raise NotImplementedError
 
     def _command(self) -> list[str]:
@@ -138,18 +156,8 @@ class OutputStream(ChunkReader):
         self._eof = False
         self.consumed_bytes = 0
 
-    async def read_chunk(self) -> bytes:
-        """The next chunk, or ``b""`` at end of output."""
-        if self._eof:
-            return b""
-        chunk = await self._queue.get()
-        if chunk is None:
-            self._eof = True
-            self._queue.put_nowait(None)  # wakes a concurrent reader (e.g. wait()) too
-            return b""
-        self.consumed_bytes += len(chunk)
-        self._proc.consumed(self._fd, len(chunk))
-        return chunk
+    async def _consumed(self, n: int) -> None:
+        self._proc.consumed(self._fd, n)  # credit back to the guest
 
     def _command(self) -> list[str]:
         return list(self._proc.argv)

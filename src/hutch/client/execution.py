@@ -61,21 +61,11 @@ class RemoteOutputStream(ChunkReader):
             self._ended = True
         self._queue.put_nowait(data)
 
-    async def read_chunk(self) -> bytes:
-        """The next chunk, or ``b""`` at end of output."""
-        if self._eof:
-            return b""
-        chunk = await self._queue.get()
-        if chunk is None:
-            self._eof = True
-            self._queue.put_nowait(None)  # wakes a concurrent reader (e.g. wait()) too
-            return b""
-        self.consumed_bytes += len(chunk)
-        self._unacked += len(chunk)
-        if self._unacked >= self._ex._window // 4:
-            n, self._unacked = self._unacked, 0
-            await self._ex._send_control({"type": "ack", "stream": self._fd, "bytes": n})
-        return chunk
+    async def _consumed(self, n: int) -> None:
+        self._unacked += n
+        if self._unacked >= self._ex._window // 4:  # acknowledged in batches
+            batch, self._unacked = self._unacked, 0
+            await self._ex._send_control({"type": "ack", "stream": self._fd, "bytes": batch})
 
     def _command(self) -> list[str]:
         return list(self._ex.command)
